@@ -1,0 +1,98 @@
+"""The one base class every test-time adapter builds on.
+
+It owns model configuration (BN statistics policy, which parameters train), parameter collection,
+reset to the source state and the adapt-and-predict loop. A method only implements `step`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers
+
+
+class Adapter:
+    name = "base"
+    default_bn = "image"
+    trains = True  # False: no parameter is ever updated
+
+    def __init__(self, model: nn.Module, lr: float = 1e-4, bn: str | StatsPolicy | None = None,
+                 bn_source_weight: float = 0.5, site_momentum: float = 0.0, seed: int = 0) -> None:
+        if lr < 0:
+            raise ValueError(f"lr={lr} must be >= 0")
+        bn = self.default_bn if bn is None else bn
+        self.policy = bn if isinstance(bn, StatsPolicy) else StatsPolicy.named(bn, bn_source_weight, site_momentum=site_momentum)
+        self.bn_name = bn if isinstance(bn, str) else "custom"
+        self.lr = lr
+        self.model = convert_norms(copy.deepcopy(model), self.policy).eval()
+        self.norms: list[AdaptiveNorm] = norm_layers(self.model)
+        self.params = self.collect_params()
+        self.generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self.optimizer = self.make_optimizer()
+        self.source_state = copy.deepcopy(self.model.state_dict())
+        self.last_step: dict[str, float] = {}
+        self.images_seen = 0
+
+    # --- configuration -------------------------------------------------------------------------
+    def collect_params(self) -> list[nn.Parameter]:
+        """Only the affine weight and bias of every BN layer adapt; everything else is frozen."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        params = []
+        if self.trains:
+            for layer in self.norms:
+                for p in (layer.weight, layer.bias):
+                    p.requires_grad_(True)
+                    params.append(p)
+        return params
+
+    def make_optimizer(self) -> torch.optim.Optimizer | None:
+        if not self.params:
+            return None
+        return torch.optim.Adam(self.params, lr=self.lr, betas=(0.9, 0.999))
+
+    def describe(self) -> dict[str, Any]:
+        """What this adapter is, for tables and run records."""
+        return {"method": self.name, "lr": self.lr, "bn": self.bn_name, "bn_policy": self.policy.__dict__}
+
+    # --- state -----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the source model: parameters, BN site statistics, optimizer state, RNG."""
+        self.model.load_state_dict(self.source_state)
+        self.optimizer = self.make_optimizer()
+        self.generator.manual_seed(self._seed)
+        self.last_step, self.images_seen = {}, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "generator": self.generator.get_state(), "images_seen": self.images_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.images_seen = state["images_seen"]
+
+    # --- the loop --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
+        """One forward pass; observe=True marks it as the images' own pass (site statistics update)."""
+        if observe:
+            for layer in self.norms:
+                layer.observe_next = True
+        return self.model(x)
+
+    def adapt_and_predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Adapt on a batch, then predict it: float [B, 3, H, W] in [0, 1] -> logits [B, 2, H, W]."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        logits = self.step(images)
+        self.images_seen += images.shape[0]
+        return logits.detach()
+
+    def step(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,68 @@
+"""Typed configuration shared by the entry points (registered with Hydra's ConfigStore there)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from grata.data import FundusCSV, ImageFolder, fundus_split
+from grata.synthetic import STYLES, SyntheticDomain
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | fundus | folder
+    root: str = "../shared/data/fundus"  # fundus: the CSV folder; folder: the image folder
+    size: int = 256
+    source: str = "clean"
+    targets: list[str] = field(default_factory=lambda: ["colour_cast", "gamma", "low_contrast", "uneven_light"])
+    target_split: str = "all"  # fundus: train, test or all
+    synthetic_train: int = 160
+    synthetic_test: int = 48
+    on_error: str = "raise"  # raise | skip
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("synthetic", "fundus", "folder"):
+            raise ValueError(f"data.kind={self.kind!r}: choose synthetic, fundus or folder")
+        if self.size < 32 or self.size % 32:
+            raise ValueError(f"data.size={self.size}: must be a positive multiple of 32")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error={self.on_error!r}: choose raise or skip")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    threads: int = 0  # 0 = torch's default
+
+
+def resolve_root(root: str, base: str | Path | None = None) -> Path:
+    """Relative data roots are taken from the directory the user launched from, not Hydra's run dir."""
+    p = Path(root).expanduser()
+    return p if p.is_absolute() or base is None else Path(base) / p
+
+
+def open_domain(cfg: DataConfig, domain: str, split: str, base: str | Path | None = None) -> torch.utils.data.Dataset:
+    """The dataset of one domain and split (train, test or all) for the configured data kind."""
+    if cfg.kind == "synthetic":
+        if domain not in STYLES:
+            raise ValueError(f"data domain {domain!r} is not a synthetic style; choose from {sorted(STYLES)}")
+        if split == "all":
+            parts = [open_domain(cfg, domain, s) for s in ("train", "test")]
+            return torch.utils.data.ConcatDataset(parts)
+        n = cfg.synthetic_train if split == "train" else cfg.synthetic_test
+        return SyntheticDomain(domain, n=n, size=cfg.size, split=split, seed=cfg.seed)
+    root = resolve_root(cfg.root, base)
+    if cfg.kind == "fundus":
+        return fundus_split(root, domain, split, cfg.size)
+    folder = root / domain if (root / domain).is_dir() else root
+    return ImageFolder(folder, cfg.size)
+
+
+__all__ = ["DataConfig", "TrainConfig", "open_domain", "resolve_root", "FundusCSV"]
