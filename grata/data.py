@@ -55,7 +55,7 @@ def decode_mask(grey: np.ndarray, path: Path | str, strict_values: bool = True) 
 def read_image(path: Path, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+            rgb = np.array(im.convert("RGB"), dtype=np.float32)
     except FileNotFoundError as exc:
         raise DataError(f"image not found: {path}") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -69,7 +69,7 @@ def read_image(path: Path, size: int) -> torch.Tensor:
 def read_mask(path: Path, size: int, strict_values: bool = True) -> torch.Tensor:
     try:
         with Image.open(path) as im:
-            grey = np.asarray(im.convert("L") if im.mode not in ("L", "P") else im)
+            grey = np.array(im.convert("L") if im.mode not in ("L", "P") else im)
     except FileNotFoundError as exc:
         raise DataError(f"mask not found: {path}") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -26,6 +26,7 @@ class Style:
     blur_sigma: float = 0.0  # in pixels at 256 px, scaled with the image size
     noise_std: float = 0.0
     illumination: float = 0.0  # strength of a linear light gradient across the crop
+    glare: float = 0.0  # brightness of a haze blob near the crop's edge (a bright, disc-like distractor)
     disc_scale: float = 1.0
 
 
@@ -34,10 +35,10 @@ STYLES: dict[str, Style] = {
     "colour_cast": Style(gains=(0.55, 1.0, 1.6), gamma=1.3),
     "gamma": Style(gamma=2.6),
     "low_contrast": Style(contrast=0.3, noise_std=0.03, gamma=0.7),
-    "blur": Style(blur_sigma=4.0, gamma=1.5),
+    "blur": Style(blur_sigma=5.0, gamma=1.5, gains=(1.0, 0.9, 0.8)),
     "noise": Style(noise_std=0.18),
-    "uneven_light": Style(illumination=0.9, gamma=1.4),
-    "large_disc": Style(disc_scale=1.55, gains=(1.0, 0.8, 0.8)),
+    "uneven_light": Style(illumination=0.8, glare=0.7, gamma=1.4, gains=(0.85, 1.0, 1.15)),
+    "large_disc": Style(disc_scale=1.7, gains=(1.0, 0.75, 0.7), gamma=1.3),
 }
 
 
@@ -107,6 +108,10 @@ def render(size: int, style: Style, g: torch.Generator) -> tuple[torch.Tensor, t
         angle = _uniform(g, 0, 2 * math.pi)
         ramp = (math.cos(angle) * x + math.sin(angle) * y) / 2 + 0.5
         img = img * (1 - style.illumination * ramp)
+    if style.glare:
+        angle = _uniform(g, 0, 2 * math.pi)
+        gx, gy = 0.75 * math.cos(angle), 0.75 * math.sin(angle)
+        img = img + style.glare * torch.exp(-((x - gx) ** 2 + (y - gy) ** 2) / 0.08)
     img = img.clamp(0, 1) ** style.gamma
     if style.contrast != 1.0:
         img = img.mean() + style.contrast * (img - img.mean())
