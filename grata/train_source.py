@@ -38,6 +38,12 @@ def default_checkpoint(cfg: TrainSourceConfig) -> str:
     return f"checkpoints/source_{d.kind}_{d.source}_{m.encoder}_{d.size}.pt"
 
 
+def training_inputs(cfg: TrainSourceConfig) -> dict:
+    """What decides the trained weights (not, e.g., the evaluation targets): resume only onto the same."""
+    d = cfg.data
+    return {"train": asdict(cfg.train), "data": [d.kind, d.root, d.size, d.source, d.synthetic_train, d.seed]}
+
+
 def load_split(cfg: DataConfig, split: str, base: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     """All labelled images of the source domain's split: images [N,3,S,S], masks [N,2,S,S]."""
     ds = open_domain(cfg, cfg.source, split, base)
@@ -74,7 +80,7 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
         model, meta = load_checkpoint(path, expect=cfg.model)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs)
-        if meta.get("train_config") != asdict(cfg.train) or meta.get("data_config") != asdict(cfg.data):
+        if meta.get("training_inputs") != training_inputs(cfg):
             raise ValueError(f"{path} was trained with another configuration; pass checkpoint=<new path> or delete it")
         opt.load_state_dict(meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
@@ -103,7 +109,7 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
         sched.step()
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0})
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1,
-                        history=history, rng=torch.get_rng_state(), train_config=asdict(cfg.train), data_config=asdict(cfg.data))
+                        history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg))
     test_images, test_masks = load_split(cfg.data, "test", base)
     summary = {
         "checkpoint": str(path), "data": asdict(cfg.data), "model": asdict(cfg.model), "train": asdict(cfg.train),

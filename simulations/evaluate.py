@@ -21,7 +21,7 @@ from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
 from grata.adapters import build_adapter
-from grata.config import DataConfig, open_domain
+from grata.config import DataConfig, TrainConfig, open_domain
 from grata.data import StreamReport, stream
 from grata.metrics import score
 from grata.models import ModelConfig, load_checkpoint
@@ -39,13 +39,20 @@ class MethodConfig:
 class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    source: TrainSourceConfig = field(default_factory=TrainSourceConfig)  # used to train on first use
+    train: TrainConfig = field(default_factory=TrainConfig)  # trains the source model on first use
     checkpoint: str = ""
     methods: dict[str, MethodConfig] = field(default_factory=dict)
     run: list[str] = field(default_factory=list)
     limit: int = 0  # images per target, 0 = all
     seed: int = 0
     out_dir: str = "runs/evaluate"
+
+
+def nanmean(values: list[float]) -> float:
+    """Mean over defined values; surface distance is undefined (NaN) where a mask is empty."""
+    arr = np.asarray(values, dtype=float)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
 
 
 def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, data: DataConfig,
@@ -68,7 +75,7 @@ def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, dat
             bar.update(dice=float(np.mean([r["dice_mean"] for r in rows])))
         seconds = time.perf_counter() - t0
         keys = ("dice_disc", "dice_cup", "dice_mean", "asd_disc", "asd_cup")
-        summary[target] = {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
+        summary[target] = {k: nanmean([r[k] for r in rows]) for k in keys}
         summary[target].update(images=len(rows), skipped=len(report.skipped), seconds_per_image=seconds / max(1, len(rows)))
         if "cosine" in adapter.last_step:
             summary[target]["cosine_mean"] = float(np.mean([r["cosine"] for r in rows]))
@@ -106,8 +113,7 @@ def write_outputs(out: Path, results: dict, records: list[dict], targets: list[s
 
 
 def ensure_checkpoint(cfg: EvaluateConfig, base: Path | None) -> Path:
-    src = cfg.source
-    src.data, src.model = cfg.data, cfg.model
+    src = TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=cfg.checkpoint)
     path = Path(cfg.checkpoint or default_checkpoint(src))
     full = path if path.is_absolute() or base is None else base / path
     if not full.is_file() or not full.with_suffix(".json").is_file():

@@ -68,8 +68,9 @@ class Adapter:
         self.last_step, self.images_seen = {}, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "generator": self.generator.get_state(), "images_seen": self.images_seen}
+        """A detached copy: torch's optimizer would otherwise share its moment tensors with the loader."""
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "generator": self.generator.get_state(), "images_seen": self.images_seen})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

@@ -1,0 +1,87 @@
+"""The public adapter API that tests and outside tools rely on."""
+import pytest
+import torch
+
+from grata.adapters import ADAPTERS, build_adapter
+from grata.models import build_model
+
+
+def test_documented_usage_on_resunet():
+    model = build_model("resnet18").eval()
+    images = torch.rand(1, 3, 64, 64)
+    adapter = build_adapter("grata", model, lr=1e-4, aux="ent", pse="consis", bn="image")
+    logits = adapter.adapt_and_predict(images)
+    assert logits.shape == (1, 2, 64, 64) and not logits.requires_grad
+    assert {"cosine", "lr", "loss_aux", "loss_pse", "entropy"} <= set(adapter.last_step)
+    assert -1 <= adapter.last_step["cosine"] <= 1
+    assert 0 <= adapter.last_step["lr"] <= 1e-4
+    adapter.reset()
+    assert adapter.last_step == {} and adapter.images_seen == 0
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+@pytest.mark.parametrize("bn", ["image", "source", "mixed", "site"])
+def test_every_adapter_runs_under_every_bn_policy(tiny_model, name, bn):
+    adapter = build_adapter(name, tiny_model, bn=bn)
+    x = torch.rand(2, 3, 16, 16)
+    out = adapter.adapt_and_predict(x)
+    assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()
+    assert adapter.describe()["bn"] == bn
+
+
+def test_reset_restores_the_source_state(tiny_model, image):
+    adapter = build_adapter("grata", tiny_model, lr=1e-2, aux="ent", pse="ent", bn="site")
+    first = adapter.adapt_and_predict(image)
+    for _ in range(3):
+        adapter.adapt_and_predict(torch.rand(1, 3, 16, 16))
+    assert not torch.allclose(adapter.adapt_and_predict(image), first)
+    adapter.reset()
+    torch.testing.assert_close(adapter.adapt_and_predict(image), first)
+
+
+def test_state_round_trip_continues_identically(tiny_model, image):
+    a = build_adapter("grata", tiny_model, lr=1e-2, bn="site")
+    a.adapt_and_predict(image)
+    saved = {k: v for k, v in a.state_dict().items()}
+    b = build_adapter("grata", tiny_model, lr=1e-2, bn="site")
+    b.load_state_dict(saved)
+    torch.testing.assert_close(a.adapt_and_predict(image), b.adapt_and_predict(image))
+
+
+def test_anchor_pulls_towards_the_source(tiny_model, image):
+    free = build_adapter("grata", tiny_model, lr=1e-2, pse="ent")
+    held = build_adapter("grata", tiny_model, lr=1e-2, pse="ent", anchor=0.5)
+    for _ in range(3):
+        free.adapt_and_predict(image)
+        held.adapt_and_predict(image)
+    dist = lambda a: sum((p - q).abs().sum().item() for p, q in zip(a.params, a._source_params))  # noqa: E731
+    assert 0 < dist(held) < dist(free)
+
+
+def test_sar_skips_unreliable_images(tiny_model, image):
+    adapter = build_adapter("sar", tiny_model, margin=0.0)  # nothing is reliable
+    before = [p.detach().clone() for p in adapter.params]
+    adapter.adapt_and_predict(image)
+    assert adapter.last_step["reliable"] == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(adapter.params, before))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(aux="rotation"), "aux"), (dict(pse="x"), "pse"), (dict(entropy_form="shannon"), "entropy_form"),
+    (dict(bn="batch"), "bn policy"), (dict(lr=-1.0), "lr"), (dict(momentum=0.9), "momentum"),
+])
+def test_bad_options_are_clear_errors(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_adapter("grata", tiny_model, **kwargs)
+
+
+def test_unknown_adapter(tiny_model):
+    with pytest.raises(ValueError, match="choose one of"):
+        build_adapter("cotta", tiny_model)
+
+
+def test_batched_views_give_the_same_step(tiny_model, image):
+    a = build_adapter("grata", tiny_model, lr=1e-2, batch_views=False, bn="image")
+    b = build_adapter("grata", tiny_model, lr=1e-2, batch_views=True, bn="image")
+    torch.testing.assert_close(a.adapt_and_predict(image), b.adapt_and_predict(image), rtol=1e-4, atol=1e-5)
+    assert a.last_step["cosine"] == pytest.approx(b.last_step["cosine"], abs=1e-5)
