@@ -26,6 +26,7 @@ from grata.data import StreamReport, stream
 from grata.metrics import score
 from grata.models import ModelConfig, load_checkpoint
 from grata.progress import Progress
+from simulations.plots import dice_bars
 from grata.train_source import TrainSourceConfig, default_checkpoint, train
 
 
@@ -110,6 +111,7 @@ def write_outputs(out: Path, results: dict, records: list[dict], targets: list[s
         w.writeheader()
         w.writerows(records)
     (out / "table.txt").write_text(format_table(results, targets) + "\n")
+    dice_bars(results, targets, out / "dice.png", title=f"{config['data']['kind']}: source {config['data']['source']}")
 
 
 def ensure_checkpoint(cfg: EvaluateConfig, base: Path | None) -> Path:

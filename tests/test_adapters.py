@@ -12,7 +12,8 @@ def test_documented_usage_on_resunet():
     adapter = build_adapter("grata", model, lr=1e-4, aux="ent", pse="consis", bn="image")
     logits = adapter.adapt_and_predict(images)
     assert logits.shape == (1, 2, 64, 64) and not logits.requires_grad
-    assert {"cosine", "lr", "loss_aux", "loss_pse", "entropy"} <= set(adapter.last_step)
+    assert {"cosine", "lr", "loss_aux", "loss_pse", "entropy", "proxy"} <= set(adapter.last_step)
+    assert 0 <= adapter.last_step["proxy"] <= 100
     assert -1 <= adapter.last_step["cosine"] <= 1
     assert 0 <= adapter.last_step["lr"] <= 1e-4
     adapter.reset()

@@ -59,6 +59,7 @@ def test_tiny_evaluation_end_to_end(tmp_path):
     stored = json.loads((tmp_path / "out" / "results.json").read_text())
     assert stored["results"]["grata_paper"]["describe"]["bn"] == "image"
     assert "grata_paper" in (tmp_path / "out" / "table.txt").read_text()
+    assert (tmp_path / "out" / "dice.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown methods"):
         cfg.run = ["nonexistent"]
         evaluate.run(cfg)

@@ -21,6 +21,12 @@ from grata.losses import ENTROPY_FORMS, consistency, entropy
 LOSSES = ("ent", "consis")
 
 
+def view_agreement(probs: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Label-free Dice proxy x100: soft Dice between a prediction and the weak-view teacher, [B,2,H,W]."""
+    inter = (probs * teacher).sum((2, 3))
+    return (100 * (2 * inter + 1e-6) / (probs.sum((2, 3)) + teacher.sum((2, 3)) + 1e-6)).mean().item()
+
+
 def cus(cos: float) -> float:
     """GraTa's dynamic learning-rate factor: -1 -> 0, 0 -> 0.25, 1 -> 1."""
     return (cos + 1.0) ** 2 / 4.0
@@ -63,12 +69,12 @@ class GraTaAdapter(Adapter):
     def loss(self, kind: str, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
         if kind == "ent":
             return entropy(self.forward(x, observe=observe), self.entropy_form)
-        target = self.teacher(x, observe=observe)
-        return consistency(self.forward(strong_style(x, self.generator)), target)
+        self._teacher = self.teacher(x, observe=observe)
+        return consistency(self.forward(strong_style(x, self.generator)), self._teacher)
 
     # --- the step --------------------------------------------------------------------------------
     def step(self, images: torch.Tensor) -> torch.Tensor:
-        params = self.params
+        params, self._teacher = self.params, None
         loss_aux = self.loss(self.aux, images, observe=True)
         g_aux = torch.autograd.grad(loss_aux, params)
         saved = [p.detach().clone() for p in params]
@@ -96,4 +102,6 @@ class GraTaAdapter(Adapter):
             ent = entropy(logits, self.entropy_form).item()
         self.last_step = {"loss_aux": loss_aux.item(), "loss_pse": loss_pse.item(), "cosine": cos, "lr": lr,
                           "grad_aux_norm": n_aux.item(), "grad_pse_norm": n_pse.item(), "entropy": ent}
+        if self._teacher is not None:  # free: the teacher of weak views was computed for the step
+            self.last_step["proxy"] = view_agreement(torch.sigmoid(logits), self._teacher)
         return logits
