@@ -86,3 +86,19 @@ def test_batched_views_give_the_same_step(tiny_model, image):
     b = build_adapter("grata", tiny_model, lr=1e-2, batch_views=True, bn="image")
     torch.testing.assert_close(a.adapt_and_predict(image), b.adapt_and_predict(image), rtol=1e-4, atol=1e-5)
     assert a.last_step["cosine"] == pytest.approx(b.last_step["cosine"], abs=1e-5)
+
+
+def test_guard_resets_parameters_when_the_proxy_falls(tiny_model, image):
+    adapter = build_adapter("grata", tiny_model, lr=1e-2, bn="site", guard=5.0, guard_warmup=2)
+    for proxy in (80.0, 80.0, 79.0):  # small wobble: no reset
+        assert not adapter._check_drift(proxy)
+    adapter.adapt_and_predict(image)  # parameters move away from the source
+    site_before = adapter.norms[0].site_count.clone()
+    moved = [p.detach().clone() for p in adapter.params]
+    assert any(not torch.equal(a, b) for a, b in zip(moved, adapter._source_params))
+    fired = [adapter._check_drift(p) for p in (40.0, 40.0, 40.0)]  # a sharp fall
+    assert any(fired) and adapter.guard_resets == 1
+    assert all(torch.equal(a.detach(), b) for a, b in zip(adapter.params, adapter._source_params))
+    assert torch.equal(adapter.norms[0].site_count, site_before)  # the site's statistics are kept
+    adapter.reset()
+    assert adapter.guard_resets == 0
