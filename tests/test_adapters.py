@@ -102,3 +102,16 @@ def test_guard_resets_parameters_when_the_proxy_falls(tiny_model, image):
     assert torch.equal(adapter.norms[0].site_count, site_before)  # the site's statistics are kept
     adapter.reset()
     assert adapter.guard_resets == 0
+
+
+def test_ensemble_prediction_is_the_weak_view_mean(tiny_model, image):
+    adapter = build_adapter("source", tiny_model, ensemble=True)
+    ref = tiny_model.eval()
+    with torch.no_grad():
+        outs = [ref(image), ref(image.flip(3)).flip(3), ref(image.flip(2)).flip(2)]
+        outs += [torch.rot90(ref(torch.rot90(image, k, (2, 3))), -k, (2, 3)) for k in (1, 2, 3)]
+        want = torch.stack([torch.sigmoid(o) for o in outs]).mean(0)
+    got = torch.sigmoid(adapter.adapt_and_predict(image))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    plain = build_adapter("source", tiny_model)
+    assert not torch.allclose(plain.adapt_and_predict(image), adapter.adapt_and_predict(image))

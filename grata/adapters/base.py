@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grata.augment import invert_views, weak_views
 from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers
 
 
@@ -20,13 +21,14 @@ class Adapter:
     trains = True  # False: no parameter is ever updated
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, bn: str | StatsPolicy | None = None,
-                 bn_source_weight: float = 0.5, site_momentum: float = 0.0, seed: int = 0) -> None:
+                 bn_source_weight: float = 0.5, site_momentum: float = 0.0, seed: int = 0,
+                 ensemble: bool = False, batch_views: bool = False) -> None:
         if lr < 0:
             raise ValueError(f"lr={lr} must be >= 0")
         bn = self.default_bn if bn is None else bn
         self.policy = bn if isinstance(bn, StatsPolicy) else StatsPolicy.named(bn, bn_source_weight, site_momentum=site_momentum)
         self.bn_name = bn if isinstance(bn, str) else "custom"
-        self.lr = lr
+        self.lr, self.ensemble, self.batch_views = lr, ensemble, batch_views
         self.model = convert_norms(copy.deepcopy(model), self.policy).eval()
         self.norms: list[AdaptiveNorm] = norm_layers(self.model)
         self.params = self.collect_params()
@@ -57,7 +59,8 @@ class Adapter:
 
     def describe(self) -> dict[str, Any]:
         """What this adapter is, for tables and run records."""
-        return {"method": self.name, "lr": self.lr, "bn": self.bn_name, "bn_policy": self.policy.__dict__}
+        return {"method": self.name, "lr": self.lr, "bn": self.bn_name, "bn_policy": self.policy.__dict__,
+                "ensemble": self.ensemble}
 
     # --- state -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -86,6 +89,25 @@ class Adapter:
             for layer in self.norms:
                 layer.observe_next = True
         return self.model(x)
+
+    @torch.no_grad()
+    def view_probs(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
+        """Mean sigmoid over the original and its 5 weak views, mapped back: [B,3,H,W] -> [B,2,H,W]."""
+        views = weak_views(x)
+        if self.batch_views:
+            outs = list(self.forward(torch.cat(views)).chunk(len(views)))
+            if observe:  # the site statistics must see the image once, not six views
+                self.forward(x, observe=True)
+        else:
+            outs = [self.forward(v, observe=observe and i == 0) for i, v in enumerate(views)]
+        return torch.stack([torch.sigmoid(o) for o in invert_views(outs)]).mean(0)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
+        """The reported prediction: one pass, or with ensemble=True the logit of the weak-view mean."""
+        if not self.ensemble:
+            return self.forward(x, observe=observe)
+        return torch.logit(self.view_probs(x, observe).clamp(1e-6, 1 - 1e-6))
 
     def adapt_and_predict(self, images: torch.Tensor) -> torch.Tensor:
         """Adapt on a batch, then predict it: float [B, 3, H, W] in [0, 1] -> logits [B, 2, H, W]."""

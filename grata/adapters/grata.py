@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from grata.adapters.base import Adapter
-from grata.augment import invert_views, strong_style, weak_views
+from grata.augment import strong_style
 from grata.losses import ENTROPY_FORMS, consistency, entropy
 
 LOSSES = ("ent", "consis")
@@ -37,7 +37,7 @@ class GraTaAdapter(Adapter):
     name = "grata"
 
     def __init__(self, model, lr: float = 1e-4, aux: str = "ent", pse: str = "consis", dynamic_lr: bool = True,
-                 entropy_form: str = "reference", batch_views: bool = False, anchor: float = 0.0,
+                 entropy_form: str = "reference", anchor: float = 0.0,
                  guard: float = 0.0, guard_warmup: int = 8, **kw) -> None:
         for key, value in (("aux", aux), ("pse", pse)):
             if value not in LOSSES:
@@ -50,7 +50,7 @@ class GraTaAdapter(Adapter):
             raise ValueError(f"guard={guard} must be >= 0 (0 = off)")
         super().__init__(model, lr=lr, **kw)
         self.aux, self.pse, self.dynamic_lr = aux, pse, dynamic_lr
-        self.entropy_form, self.batch_views, self.anchor = entropy_form, batch_views, anchor
+        self.entropy_form, self.anchor = entropy_form, anchor
         self.guard, self.guard_warmup = guard, guard_warmup
         self._source_params = [p.detach().clone() for p in self.params]
         self._reset_guard()
@@ -84,22 +84,10 @@ class GraTaAdapter(Adapter):
                 "entropy_form": self.entropy_form, "anchor": self.anchor}
 
     # --- losses ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def teacher(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
-        """Mean sigmoid prediction over the original and its 5 weak views, on the original grid."""
-        views = weak_views(x)
-        if self.batch_views:
-            outs = self.forward(torch.cat(views), observe=False).chunk(len(views))
-            if observe:  # the site statistics must see the image once, not six views
-                self.forward(x, observe=True)
-        else:
-            outs = [self.forward(v, observe=observe and i == 0) for i, v in enumerate(views)]
-        return torch.stack([torch.sigmoid(o) for o in invert_views(list(outs))]).mean(0)
-
     def loss(self, kind: str, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
         if kind == "ent":
             return entropy(self.forward(x, observe=observe), self.entropy_form)
-        self._teacher = self.teacher(x, observe=observe)
+        self._teacher = self.view_probs(x, observe=observe)  # the soft teacher
         return consistency(self.forward(strong_style(x, self.generator)), self._teacher)
 
     # --- the step --------------------------------------------------------------------------------
@@ -128,7 +116,7 @@ class GraTaAdapter(Adapter):
             with torch.no_grad():
                 torch._foreach_lerp_(params, self._source_params, self.anchor)
         with torch.no_grad():
-            logits = self.forward(images)
+            logits = self.predict(images)
             ent = entropy(logits, self.entropy_form).item()
         self.last_step = {"loss_aux": loss_aux.item(), "loss_pse": loss_pse.item(), "cosine": cos, "lr": lr,
                           "grad_aux_norm": n_aux.item(), "grad_pse_norm": n_pse.item(), "entropy": ent}

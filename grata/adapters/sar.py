@@ -43,6 +43,6 @@ class SARAdapter(Adapter):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            logits = self.forward(images)
+            logits = self.predict(images)
         self.last_step = {"loss": loss.item(), "lr": self.lr if reliable else 0.0, "reliable": float(reliable)}
         return logits

@@ -13,4 +13,4 @@ class SourceAdapter(Adapter):
 
     @torch.no_grad()
     def step(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward(images, observe=True)
+        return self.predict(images, observe=True)

@@ -20,7 +20,7 @@ class TentAdapter(Adapter):
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
-            logits = self.forward(images)
+            logits = self.predict(images)
         self.last_step = {"loss": loss.item(), "lr": self.lr}
         return logits
 
