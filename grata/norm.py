@@ -7,7 +7,10 @@ moments (E[x], E[x^2]):
   site    a running estimate over the site's stream so far (one update per adapted image);
   pooled  statistics pooled from other sites by a coordinator (set with `set_pooled`).
 Mixing moments rather than variances keeps the mix a proper distribution moment.
-Named policies: image, source, mixed (source+image), site (source+site).
+Named policies: image, source, mixed (source+image), site (source+site). The adapters add `auto`
+(source statistics until the site's shift is unmistakable, then the image's own; see
+grata/adapters/base.py). Each observed pass also measures the image's shift from the source
+statistics (`last_shift`), the signal `auto` decides on.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-POLICIES = ("image", "source", "mixed", "site")
+POLICIES = ("image", "source", "mixed", "site")  # plus "auto", which the adapters resolve
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,13 @@ class StatsPolicy:
         return self.source / total, self.image / total, self.site / total, self.pooled / total
 
 
+def gaussian_shift(mean: torch.Tensor, var: torch.Tensor, ref_mean: torch.Tensor, ref_var: torch.Tensor) -> torch.Tensor:
+    """Symmetric KL between per-channel Gaussians, averaged over channels: [B, C] vs [C] -> [B]."""
+    var, ref_var = var.clamp_min(1e-5), ref_var.clamp_min(1e-5)
+    d2 = (mean - ref_mean) ** 2
+    return (0.5 * (var / ref_var + ref_var / var + d2 * (1 / ref_var + 1 / var)) - 1).mean(-1)
+
+
 class AdaptiveNorm(nn.Module):
     """Drop-in for BatchNorm2d whose statistics follow a StatsPolicy. Holds the same affine Parameters."""
 
@@ -73,6 +83,7 @@ class AdaptiveNorm(nn.Module):
         self.register_buffer("pooled_m2", self.running_var + self.running_mean**2)
         self.observe_next = False  # set by the adapter: the next forward is the image's own pass
         self.last_image_moments: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_shift: float | None = None
 
     def set_pooled(self, m1: torch.Tensor, m2: torch.Tensor) -> None:
         self.pooled_m1.copy_(m1)
@@ -86,6 +97,7 @@ class AdaptiveNorm(nn.Module):
         self.site_m1.lerp_(m1.mean(0), rate)
         self.site_m2.lerp_(m2.mean(0), rate)
         self.last_image_moments = (m1, m2)
+        self.last_shift = gaussian_shift(m1, m2 - m1**2, self.running_mean, self.running_var).mean().item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] -> normalised and affinely transformed, same shape."""

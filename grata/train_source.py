@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
+from grata.adapters.base import shift_reference
 from grata.config import DataConfig, TrainConfig, open_domain
 from grata.data import stream
 from grata.losses import segmentation_loss
@@ -41,7 +42,8 @@ def default_checkpoint(cfg: TrainSourceConfig) -> str:
 def training_inputs(cfg: TrainSourceConfig) -> dict:
     """What decides the trained weights (not, e.g., the evaluation targets): resume only onto the same."""
     d = cfg.data
-    return {"train": asdict(cfg.train), "data": [d.kind, d.root, d.size, d.source, d.synthetic_train, d.seed]}
+    train = {k: v for k, v in asdict(cfg.train).items() if k != "threads"}  # speed, not weights
+    return {"train": train, "data": [d.kind, d.root, d.size, d.source, d.synthetic_train, d.seed]}
 
 
 def load_split(cfg: DataConfig, split: str, base: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,11 +112,17 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0})
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1,
                         history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg))
+    meta = load_checkpoint(path)[1] if path.is_file() else {}
+    if "shift_reference" not in meta:  # the unit bn="auto" measures a site's shift in
+        ref = shift_reference(model, images)
+        save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,
+                        history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg), shift_reference=ref)
+        meta["shift_reference"] = ref
     test_images, test_masks = load_split(cfg.data, "test", base)
     summary = {
         "checkpoint": str(path), "data": asdict(cfg.data), "model": asdict(cfg.model), "train": asdict(cfg.train),
         "in_domain_test": evaluate_in_domain(model, test_images, test_masks), "test_images": len(test_images),
-        "history": history,
+        "history": history, "shift_reference": meta["shift_reference"],
     }
     path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     d = summary["in_domain_test"]

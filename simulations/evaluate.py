@@ -57,9 +57,10 @@ def nanmean(values: list[float]) -> float:
 
 
 def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, data: DataConfig,
-                    base: Path | None, limit: int = 0, seed: int = 0) -> tuple[dict, list[dict]]:
+                    base: Path | None, limit: int = 0, seed: int = 0, shift_reference: float | None = None
+                    ) -> tuple[dict, list[dict]]:
     """Run one method over every target; returns per-target means and per-image records."""
-    adapter = build_adapter(method.adapter, model, seed=seed, **method.options)
+    adapter = build_adapter(method.adapter, model, seed=seed, shift_reference=shift_reference, **method.options)
     summary, records = {}, []
     for target in data.targets:
         adapter.reset()
@@ -78,6 +79,8 @@ def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, dat
         keys = ("dice_disc", "dice_cup", "dice_mean", "asd_disc", "asd_cup")
         summary[target] = {k: nanmean([r[k] for r in rows]) for k in keys}
         summary[target].update(images=len(rows), skipped=len(report.skipped), seconds_per_image=seconds / max(1, len(rows)))
+        if "bn_image" in adapter.last_step:
+            summary[target]["auto_image_share"] = float(np.mean([r["bn_image"] for r in rows]))
         if "cosine" in adapter.last_step:
             summary[target]["cosine_mean"] = float(np.mean([r["cosine"] for r in rows]))
             summary[target]["lr_mean"] = float(np.mean([r["lr"] for r in rows]))
@@ -130,12 +133,13 @@ def run(cfg: EvaluateConfig, base: Path | None = None) -> dict:
     if unknown or not cfg.run:
         raise ValueError(f"run={cfg.run}: unknown methods {unknown}; defined: {sorted(cfg.methods)}")
     torch.manual_seed(cfg.seed)
-    model, _ = load_checkpoint(ensure_checkpoint(cfg, base), expect=cfg.model)
+    model, meta = load_checkpoint(ensure_checkpoint(cfg, base), expect=cfg.model)
+    ref = meta.get("shift_reference")
     for name in cfg.run:  # fail on a bad option before any long work
-        build_adapter(cfg.methods[name].adapter, model, **cfg.methods[name].options)
+        build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, **cfg.methods[name].options)
     results, records = {}, []
     for name in cfg.run:
-        results[name], rows = evaluate_method(name, cfg.methods[name], model, cfg.data, base, cfg.limit, cfg.seed)
+        results[name], rows = evaluate_method(name, cfg.methods[name], model, cfg.data, base, cfg.limit, cfg.seed, ref)
         records += rows
     out = Path(cfg.out_dir)
     out = out if out.is_absolute() or base is None else base / out

@@ -115,3 +115,46 @@ def test_ensemble_prediction_is_the_weak_view_mean(tiny_model, image):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     plain = build_adapter("source", tiny_model)
     assert not torch.allclose(plain.adapt_and_predict(image), adapter.adapt_and_predict(image))
+
+
+def test_auto_policy_keeps_source_statistics_for_a_small_shift_and_switches_for_a_large_one(tiny_model):
+    import copy
+
+    from grata.adapters.base import shift_reference
+
+    g = torch.Generator().manual_seed(0)
+    source_like = [torch.rand(1, 3, 16, 16, generator=g) for _ in range(6)]
+    tiny_model = copy.deepcopy(tiny_model)  # a source model whose running statistics describe its source images
+    for m in tiny_model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        tiny_model.train()(torch.cat(source_like))
+    tiny_model.eval()
+    ref = shift_reference(tiny_model, torch.cat(source_like))
+    assert ref > 0
+    with pytest.raises(ValueError, match="shift_reference"):
+        build_adapter("bn", tiny_model, bn="auto")
+
+    calm = build_adapter("bn", tiny_model, bn="auto", shift_reference=ref, auto_warmup=2)
+    for x in source_like:
+        calm.adapt_and_predict(x)
+    assert calm.last_step["bn_image"] == 0.0 and calm.last_step["shift_ratio"] < 10
+    plain_source = build_adapter("source", tiny_model)
+    torch.testing.assert_close(calm.adapt_and_predict(source_like[0]), plain_source.adapt_and_predict(source_like[0]))
+
+    shifted = build_adapter("bn", tiny_model, bn="auto", shift_reference=ref, auto_warmup=2)
+    far = [x * 8 + 3 for x in source_like]  # a drastic acquisition change
+    for x in far[:2]:
+        shifted.adapt_and_predict(x)
+    assert shifted.last_step["bn_image"] == 1.0 and shifted.last_step["shift_ratio"] > 10
+    per_image = build_adapter("bn", tiny_model, bn="image")
+    torch.testing.assert_close(shifted.adapt_and_predict(far[2]), per_image.adapt_and_predict(far[2]))
+
+    saved = shifted.state_dict()  # the decision survives a new process
+    again = build_adapter("bn", tiny_model, bn="auto", shift_reference=ref)
+    again.load_state_dict(saved)
+    assert again.auto_switched
+    shifted.reset()
+    assert not shifted.auto_switched and shifted.policy == plain_source.policy

@@ -12,7 +12,23 @@ import torch
 from torch import nn
 
 from grata.augment import invert_views, weak_views
-from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers
+from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers, set_policy
+
+
+@torch.no_grad()
+def shift_reference(model: nn.Module, images: torch.Tensor) -> float:
+    """The source domain's own mean per-image stem shift: the unit `bn="auto"` measures sites in.
+
+    images: the source's training images [N, 3, H, W]; run once at the end of source training.
+    """
+    probe = convert_norms(copy.deepcopy(model), StatsPolicy.named("source")).eval()
+    stem = norm_layers(probe)[0]
+    shifts = []
+    for x in images.split(1):
+        stem.observe_next = True
+        probe(x)
+        shifts.append(stem.last_shift)
+    return float(sum(shifts) / len(shifts))
 
 
 class Adapter:
@@ -22,11 +38,18 @@ class Adapter:
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, bn: str | StatsPolicy | None = None,
                  bn_source_weight: float = 0.5, site_momentum: float = 0.0, seed: int = 0,
-                 ensemble: bool = False, batch_views: bool = False) -> None:
+                 ensemble: bool = False, batch_views: bool = False, shift_reference: float | None = None,
+                 shift_threshold: float = 10.0, auto_warmup: int = 4) -> None:
         if lr < 0:
             raise ValueError(f"lr={lr} must be >= 0")
         bn = self.default_bn if bn is None else bn
-        self.policy = bn if isinstance(bn, StatsPolicy) else StatsPolicy.named(bn, bn_source_weight, site_momentum=site_momentum)
+        self.auto = bn == "auto"
+        if self.auto and not (shift_reference and shift_reference > 0):
+            raise ValueError("bn='auto' needs shift_reference (the source's own shift, stored in the checkpoint by "
+                             "grata.train_source); re-run train_source on the checkpoint to add it")
+        self.shift_reference, self.shift_threshold, self.auto_warmup = shift_reference, shift_threshold, auto_warmup
+        self.policy = (StatsPolicy.named("source") if self.auto else bn if isinstance(bn, StatsPolicy)
+                       else StatsPolicy.named(bn, bn_source_weight, site_momentum=site_momentum))
         self.bn_name = bn if isinstance(bn, str) else "custom"
         self.lr, self.ensemble, self.batch_views = lr, ensemble, batch_views
         self.model = convert_norms(copy.deepcopy(model), self.policy).eval()
@@ -38,6 +61,29 @@ class Adapter:
         self.source_state = copy.deepcopy(self.model.state_dict())
         self.last_step: dict[str, float] = {}
         self.images_seen = 0
+        self._reset_auto()
+
+    def _reset_auto(self) -> None:
+        self.shift_sum, self.shift_count, self.auto_switched = 0.0, 0, False
+        if self.auto:
+            set_policy(self.model, StatsPolicy.named("source"))
+
+    def _update_auto(self) -> dict[str, float]:
+        """bn='auto': keep the source's statistics unless this site's low-level statistics sit far outside the
+        source's own spread (mean shift ratio > shift_threshold after auto_warmup images); then switch the
+        site, for the rest of its stream, to each image's own statistics. Decides for the next image."""
+        shift = self.norms[0].last_shift
+        if shift is None:
+            return {}
+        ratio = shift / self.shift_reference if self.shift_reference else float("nan")
+        if self.auto:
+            self.shift_sum, self.shift_count = self.shift_sum + ratio, self.shift_count + 1
+            mean = self.shift_sum / self.shift_count
+            if not self.auto_switched and self.shift_count >= self.auto_warmup and mean > self.shift_threshold:
+                self.auto_switched = True
+                set_policy(self.model, StatsPolicy.named("image"))
+            return {"shift_ratio": ratio, "bn_image": float(self.auto_switched)}
+        return {"shift_ratio": ratio} if self.shift_reference else {}
 
     # --- configuration -------------------------------------------------------------------------
     def collect_params(self) -> list[nn.Parameter]:
@@ -59,8 +105,9 @@ class Adapter:
 
     def describe(self) -> dict[str, Any]:
         """What this adapter is, for tables and run records."""
+        auto = {"shift_reference": self.shift_reference, "shift_threshold": self.shift_threshold} if self.auto else {}
         return {"method": self.name, "lr": self.lr, "bn": self.bn_name, "bn_policy": self.policy.__dict__,
-                "ensemble": self.ensemble}
+                "ensemble": self.ensemble, **auto}
 
     # --- state -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -69,11 +116,13 @@ class Adapter:
         self.optimizer = self.make_optimizer()
         self.generator.manual_seed(self._seed)
         self.last_step, self.images_seen = {}, 0
+        self._reset_auto()
 
     def state_dict(self) -> dict[str, Any]:
         """A detached copy: torch's optimizer would otherwise share its moment tensors with the loader."""
         return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "generator": self.generator.get_state(), "images_seen": self.images_seen})
+                "generator": self.generator.get_state(), "images_seen": self.images_seen,
+                              "auto": (self.shift_sum, self.shift_count, self.auto_switched)})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -81,6 +130,9 @@ class Adapter:
             self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.images_seen = state["images_seen"]
+        self.shift_sum, self.shift_count, self.auto_switched = state["auto"]
+        if self.auto:
+            set_policy(self.model, StatsPolicy.named("image" if self.auto_switched else "source"))
 
     # --- the loop --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
@@ -114,6 +166,7 @@ class Adapter:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         logits = self.step(images)
+        self.last_step.update(self._update_auto())
         self.images_seen += images.shape[0]
         return logits.detach()
 
