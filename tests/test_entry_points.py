@@ -63,3 +63,18 @@ def test_tiny_evaluation_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         cfg.run = ["nonexistent"]
         evaluate.run(cfg)
+
+
+def test_report_merges_runs_split_across_processes(tmp_path):
+    from simulations.report import merge
+
+    common = ["data.size=64", "data.synthetic_train=8", "data.synthetic_test=2", "data.targets=[gamma]",
+              "train.epochs=1", f"checkpoint={tmp_path}/src.pt"]
+    evaluate.run(compose_typed("evaluate", [*common, "run=[source]", f"out_dir={tmp_path}/a"]))
+    evaluate.run(compose_typed("evaluate", [*common, "run=[bn]", f"out_dir={tmp_path}/b"]))
+    merged = merge([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    assert list(merged) == ["source", "bn"]
+    with (tmp_path / "all" / "per_image.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    with pytest.raises(ValueError, match="repeats methods"):
+        merge([tmp_path / "a", tmp_path / "a"], tmp_path / "bad")

@@ -1,0 +1,49 @@
+"""Merge evaluation runs into one table: `python -m simulations.report RUN_DIR... --out DIR`.
+
+Runs of the same targets (e.g. methods split across processes) become one table.csv, results.json,
+per_image.csv, table.txt and dice.png, exactly as a single `simulations.evaluate` run writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from simulations.evaluate import format_table, write_outputs
+
+
+def merge(run_dirs: list[Path], out: Path) -> dict:
+    results, records, config, targets = {}, [], None, None
+    for run in run_dirs:
+        path = run / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not an evaluation run (no results.json)")
+        stored = json.loads(path.read_text())
+        run_targets = stored["config"]["data"]["targets"]
+        if targets is not None and run_targets != targets:
+            raise ValueError(f"{run} evaluated targets {run_targets}, but {run_dirs[0]} evaluated {targets}")
+        targets, config = run_targets, config or stored["config"]
+        clash = set(results) & set(stored["results"])
+        if clash:
+            raise ValueError(f"{run} repeats methods {sorted(clash)}")
+        results.update(stored["results"])
+        with (run / "per_image.csv").open(newline="") as fh:
+            records += list(csv.DictReader(fh))
+    config = {**config, "merged_from": [str(r) for r in run_dirs], "run": list(results)}
+    write_outputs(out, results, records, targets, config)
+    print(format_table(results, targets))
+    print(f"written to {out}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    merge(args.runs, args.out)
+
+
+if __name__ == "__main__":
+    main()
