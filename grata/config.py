@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from grata.data import FundusCSV, ImageFolder, fundus_split
+from grata.data import ImageFolder, fundus_split
 from grata.synthetic import STYLES, SyntheticDomain
 
 
@@ -65,4 +65,4 @@ def open_domain(cfg: DataConfig, domain: str, split: str, base: str | Path | Non
     return ImageFolder(folder, cfg.size)
 
 
-__all__ = ["DataConfig", "TrainConfig", "open_domain", "resolve_root", "FundusCSV"]
+__all__ = ["DataConfig", "TrainConfig", "open_domain", "resolve_root"]

@@ -155,6 +155,7 @@ def test_auto_policy_keeps_source_statistics_for_a_small_shift_and_switches_for_
     saved = shifted.state_dict()  # the decision survives a new process
     again = build_adapter("bn", tiny_model, bn="auto", shift_reference=ref)
     again.load_state_dict(saved)
-    assert again.auto_switched
+    assert again.auto_switched and all(layer.policy.image == 1.0 for layer in again.norms)
+    assert shifted.describe()["bn_policy"]["image"] == 1.0
     shifted.reset()
-    assert not shifted.auto_switched and shifted.policy == plain_source.policy
+    assert not shifted.auto_switched and all(layer.policy == plain_source.policy for layer in shifted.norms)

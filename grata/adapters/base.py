@@ -63,10 +63,15 @@ class Adapter:
         self.images_seen = 0
         self._reset_auto()
 
+    def use_policy(self, policy: StatsPolicy) -> None:
+        """Every BN layer normalises under `policy` from the next pass on."""
+        self.policy = policy
+        set_policy(self.model, policy)
+
     def _reset_auto(self) -> None:
         self.shift_sum, self.shift_count, self.auto_switched = 0.0, 0, False
         if self.auto:
-            set_policy(self.model, StatsPolicy.named("source"))
+            self.use_policy(StatsPolicy.named("source"))
 
     def _update_auto(self) -> dict[str, float]:
         """bn='auto': keep the source's statistics unless this site's low-level statistics sit far outside the
@@ -81,7 +86,7 @@ class Adapter:
             mean = self.shift_sum / self.shift_count
             if not self.auto_switched and self.shift_count >= self.auto_warmup and mean > self.shift_threshold:
                 self.auto_switched = True
-                set_policy(self.model, StatsPolicy.named("image"))
+                self.use_policy(StatsPolicy.named("image"))
             return {"shift_ratio": ratio, "bn_image": float(self.auto_switched)}
         return {"shift_ratio": ratio} if self.shift_reference else {}
 
@@ -132,7 +137,7 @@ class Adapter:
         self.images_seen = state["images_seen"]
         self.shift_sum, self.shift_count, self.auto_switched = state["auto"]
         if self.auto:
-            set_policy(self.model, StatsPolicy.named("image" if self.auto_switched else "source"))
+            self.use_policy(StatsPolicy.named("image" if self.auto_switched else "source"))
 
     # --- the loop --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
