@@ -37,12 +37,26 @@ def merge(run_dirs: list[Path], out: Path) -> dict:
     return results
 
 
+def markdown_table(results: dict[str, dict], targets: list[str]) -> str:
+    """Mean Dice with (disc/cup) per target and the mean, one row per method, as a Markdown table."""
+    cols = [*targets, "mean"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, res in results.items():
+        cells = [f"{res[c]['dice_mean']:.1f} ({res[c]['dice_disc']:.1f}/{res[c]['dice_cup']:.1f})" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     args = parser.parse_args()
-    merge(args.runs, args.out)
+    results = merge(args.runs, args.out)
+    if args.markdown:
+        targets = json.loads((args.out / "results.json").read_text())["config"]["data"]["targets"]
+        print(markdown_table(results, targets))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,10 @@ def test_report_merges_runs_split_across_processes(tmp_path):
     evaluate.run(compose_typed("evaluate", [*common, "run=[bn]", f"out_dir={tmp_path}/b"]))
     merged = merge([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
     assert list(merged) == ["source", "bn"]
+    from simulations.report import markdown_table
+
+    md = markdown_table(merged, ["gamma"]).splitlines()
+    assert md[0] == "| method | gamma | mean |" and md[2].startswith("| source | ") and len(md) == 4
     with (tmp_path / "all" / "per_image.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 4
     with pytest.raises(ValueError, match="repeats methods"):
