@@ -74,16 +74,17 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
         path = base / path
     images, masks = load_split(cfg.data, "train", base)
     torch.manual_seed(cfg.train.seed)
-    model = ResUNet(cfg.model)
+    meta: dict = {}
+    if path.is_file():
+        model, meta = load_checkpoint(path, expect=cfg.model)
+        if meta.get("training_inputs") != training_inputs(cfg):
+            raise ValueError(f"{path} was trained with another configuration; pass checkpoint=<new path> or delete it")
+    else:
+        model = ResUNet(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs)
     start_epoch, history = 0, []
-    if path.is_file():
-        model, meta = load_checkpoint(path, expect=cfg.model)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs)
-        if meta.get("training_inputs") != training_inputs(cfg):
-            raise ValueError(f"{path} was trained with another configuration; pass checkpoint=<new path> or delete it")
+    if meta:
         opt.load_state_dict(meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
         start_epoch, history = meta["epoch"], meta["history"]
@@ -112,7 +113,6 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0})
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1,
                         history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg))
-    meta = load_checkpoint(path)[1] if path.is_file() else {}
     if "shift_reference" not in meta:  # the unit bn="auto" measures a site's shift in
         ref = shift_reference(model, images)
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,

@@ -69,9 +69,9 @@ def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, dat
         report, bar, t0 = StreamReport(), Progress(n, f"{name:>12} | {target:<14}"), time.perf_counter()
         rows = []
         for sample in stream(ds, data.on_error, report, indices=range(n)):
-            logits = adapter.adapt_and_predict(sample.image[None])
             if sample.mask is None:
                 raise ValueError(f"target {target!r} has no masks; evaluation needs labels (sample {sample.name})")
+            logits = adapter.adapt_and_predict(sample.image[None])
             s = {k: float(v[0]) for k, v in score(logits, sample.mask[None]).items()}
             rows.append({"method": name, "target": target, "image": sample.name, **s, **adapter.last_step})
             bar.update(dice=float(np.mean([r["dice_mean"] for r in rows])))
