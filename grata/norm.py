@@ -83,7 +83,6 @@ class AdaptiveNorm(nn.Module):
         self.register_buffer("pooled_m2", self.running_var + self.running_mean**2)
         self.observe_next = False  # set by the adapter: the next forward is the image's own pass
         self.last_image_moments: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.last_shift: float | None = None
 
     def set_pooled(self, m1: torch.Tensor, m2: torch.Tensor) -> None:
         self.pooled_m1.copy_(m1)
@@ -97,7 +96,15 @@ class AdaptiveNorm(nn.Module):
         self.site_m1.lerp_(m1.mean(0), rate)
         self.site_m2.lerp_(m2.mean(0), rate)
         self.last_image_moments = (m1, m2)
-        self.last_shift = gaussian_shift(m1, m2 - m1**2, self.running_mean, self.running_var).mean().item()
+
+    @property
+    def last_shift(self) -> float | None:
+        """The last observed batch's mean shift from the source statistics; computed only when asked
+        (the adapters read it for the stem layer alone)."""
+        if self.last_image_moments is None:
+            return None
+        m1, m2 = self.last_image_moments
+        return gaussian_shift(m1, m2 - m1**2, self.running_mean, self.running_var).mean().item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] -> normalised and affinely transformed, same shape."""

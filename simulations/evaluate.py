@@ -26,8 +26,8 @@ from grata.data import StreamReport, stream
 from grata.metrics import score
 from grata.models import ModelConfig, load_checkpoint
 from grata.progress import Progress
-from simulations.plots import dice_bars
 from grata.train_source import TrainSourceConfig, default_checkpoint, train
+from simulations.plots import dice_bars
 
 
 @dataclass

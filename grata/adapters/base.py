@@ -125,9 +125,13 @@ class Adapter:
 
     def state_dict(self) -> dict[str, Any]:
         """A detached copy: torch's optimizer would otherwise share its moment tensors with the loader."""
-        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "generator": self.generator.get_state(), "images_seen": self.images_seen,
-                              "auto": (self.shift_sum, self.shift_count, self.auto_switched)})
+        return copy.deepcopy({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "generator": self.generator.get_state(),
+            "images_seen": self.images_seen,
+            "auto": (self.shift_sum, self.shift_count, self.auto_switched),
+        })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
