@@ -102,6 +102,7 @@ def test_guard_resets_parameters_when_the_proxy_falls(tiny_model, image):
     assert torch.equal(adapter.norms[0].site_count, site_before)  # the site's statistics are kept
     adapter.reset()
     assert adapter.guard_resets == 0
+    assert adapter.describe()["guard"] == 5.0 and adapter.describe()["guard_warmup"] == 2
 
 
 def test_ensemble_prediction_is_the_weak_view_mean(tiny_model, image):

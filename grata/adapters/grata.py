@@ -81,7 +81,8 @@ class GraTaAdapter(Adapter):
 
     def describe(self):
         return {**super().describe(), "aux": self.aux, "pse": self.pse, "dynamic_lr": self.dynamic_lr,
-                "entropy_form": self.entropy_form, "anchor": self.anchor}
+                "entropy_form": self.entropy_form, "anchor": self.anchor, "guard": self.guard,
+                "guard_warmup": self.guard_warmup}
 
     # --- losses ----------------------------------------------------------------------------------
     def loss(self, kind: str, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
