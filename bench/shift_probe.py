@@ -13,11 +13,10 @@ import numpy as np
 import torch
 
 from grata.config import DataConfig, open_domain
+from grata.adapters.base import stem_shifts
 from grata.models import load_checkpoint
-from grata.norm import StatsPolicy, convert_norms, norm_layers
 
 
-@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -29,16 +28,11 @@ def main() -> None:
     args = parser.parse_args()
     model, meta = load_checkpoint(args.checkpoint)
     ref = meta.get("shift_reference")
-    model = convert_norms(model, StatsPolicy.named("source")).eval()
-    stem = norm_layers(model)[0]
     cfg = DataConfig(kind=args.data, root=args.root, size=args.size, source=args.domains[0])
     for domain in args.domains:
         ds = open_domain(cfg, domain, "all")
-        shifts = []
-        for i in np.linspace(0, len(ds) - 1, min(args.n, len(ds))).astype(int):
-            stem.observe_next = True
-            model(ds[int(i)].image[None])
-            shifts.append(stem.last_shift)
+        picks = np.linspace(0, len(ds) - 1, min(args.n, len(ds))).astype(int)
+        shifts = stem_shifts(model, torch.stack([ds[int(i)].image for i in picks]))
         ratio = f"{np.mean(shifts) / ref:8.2f}" if ref else "   (no reference in checkpoint)"
         print(f"{domain:16s} shift {np.mean(shifts):7.3f}  ratio to source {ratio}")
 

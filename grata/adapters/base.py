@@ -16,11 +16,8 @@ from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers, se
 
 
 @torch.no_grad()
-def shift_reference(model: nn.Module, images: torch.Tensor) -> float:
-    """The source domain's own mean per-image stem shift: the unit `bn="auto"` measures sites in.
-
-    images: the source's training images [N, 3, H, W]; run once at the end of source training.
-    """
+def stem_shifts(model: nn.Module, images: torch.Tensor) -> list[float]:
+    """Each image's stem-BN shift from the source statistics: images [N, 3, H, W] -> N floats."""
     probe = convert_norms(copy.deepcopy(model), StatsPolicy.named("source")).eval()
     stem = norm_layers(probe)[0]
     shifts = []
@@ -28,6 +25,15 @@ def shift_reference(model: nn.Module, images: torch.Tensor) -> float:
         stem.observe_next = True
         probe(x)
         shifts.append(stem.last_shift)
+    return shifts
+
+
+def shift_reference(model: nn.Module, images: torch.Tensor) -> float:
+    """The source domain's own mean per-image stem shift: the unit `bn="auto"` measures sites in.
+
+    images: the source's training images [N, 3, H, W]; run once at the end of source training.
+    """
+    shifts = stem_shifts(model, images)
     return float(sum(shifts) / len(shifts))
 
 
