@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,6 +19,8 @@ class DataConfig:
     source: str = "clean"
     targets: list[str] = field(default_factory=lambda: ["colour_cast", "gamma", "low_contrast", "uneven_light"])
     target_split: str = "all"  # fundus: train, test or all
+    sites: list[str] = field(default_factory=lambda: ["colour_cast", "gamma", "low_contrast", "uneven_light"])
+    site_split: str = "test"  # the federation's sites adapt over this split of their domain
     synthetic_train: int = 160
     synthetic_test: int = 48
     on_error: str = "raise"  # raise | skip
@@ -28,8 +31,18 @@ class DataConfig:
             raise ValueError(f"data.kind={self.kind!r}: choose synthetic, fundus or folder")
         if self.size < 32 or self.size % 32:
             raise ValueError(f"data.size={self.size}: must be a positive multiple of 32")
+        for key in ("target_split", "site_split"):
+            if getattr(self, key) not in ("train", "test", "all"):
+                raise ValueError(f"data.{key}={getattr(self, key)!r}: choose train, test or all")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={self.on_error!r}: choose raise or skip")
+
+
+@dataclass
+class MethodConfig:
+    """A named test-time method: an adapter (grata/adapters) and its options."""
+    adapter: str = "source"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,4 +78,4 @@ def open_domain(cfg: DataConfig, domain: str, split: str, base: str | Path | Non
     return ImageFolder(folder, cfg.size)
 
 
-__all__ = ["DataConfig", "TrainConfig", "open_domain", "resolve_root"]
+__all__ = ["DataConfig", "MethodConfig", "TrainConfig", "open_domain", "resolve_root"]

@@ -131,6 +131,16 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
     return summary
 
 
+def ensure_source(cfg: TrainSourceConfig, base: Path | None) -> Path:
+    """The configured source checkpoint, trained first if it (or its summary) does not exist yet."""
+    path = Path(cfg.checkpoint or default_checkpoint(cfg))
+    full = path if path.is_absolute() or base is None else base / path
+    if not full.is_file() or not full.with_suffix(".json").is_file():
+        print(f"no source model at {full}: training it first")
+        train(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=str(full)), base)
+    return full
+
+
 ConfigStore.instance().store(name="train_source_schema", node=TrainSourceConfig)
 
 

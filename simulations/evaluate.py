@@ -11,7 +11,6 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import hydra
 import numpy as np
@@ -21,19 +20,13 @@ from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
 from grata.adapters import build_adapter
-from grata.config import DataConfig, TrainConfig, open_domain
+from grata.config import DataConfig, MethodConfig, TrainConfig, open_domain
 from grata.data import StreamReport, stream
 from grata.metrics import score
 from grata.models import ModelConfig, load_checkpoint
 from grata.progress import Progress
-from grata.train_source import TrainSourceConfig, default_checkpoint, train
+from grata.train_source import TrainSourceConfig, ensure_source
 from simulations.plots import dice_bars
-
-
-@dataclass
-class MethodConfig:
-    adapter: str = "source"
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,23 +110,13 @@ def write_outputs(out: Path, results: dict, records: list[dict], targets: list[s
     dice_bars(results, targets, out / "dice.png", title=f"{config['data']['kind']}: source {config['data']['source']}")
 
 
-def ensure_checkpoint(cfg: EvaluateConfig, base: Path | None) -> Path:
-    src = TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=cfg.checkpoint)
-    path = Path(cfg.checkpoint or default_checkpoint(src))
-    full = path if path.is_absolute() or base is None else base / path
-    if not full.is_file() or not full.with_suffix(".json").is_file():
-        print(f"no source model at {full}: training it first")
-        src.checkpoint = str(full)
-        train(src, base)
-    return full
-
-
 def run(cfg: EvaluateConfig, base: Path | None = None) -> dict:
     unknown = [m for m in cfg.run if m not in cfg.methods]
     if unknown or not cfg.run:
         raise ValueError(f"run={cfg.run}: unknown methods {unknown}; defined: {sorted(cfg.methods)}")
     torch.manual_seed(cfg.seed)
-    model, meta = load_checkpoint(ensure_checkpoint(cfg, base), expect=cfg.model)
+    source = TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=cfg.checkpoint)
+    model, meta = load_checkpoint(ensure_source(source, base), expect=cfg.model)
     ref = meta.get("shift_reference")
     for name in cfg.run:  # fail on a bad option before any long work
         build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, **cfg.methods[name].options)

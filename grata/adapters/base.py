@@ -6,6 +6,7 @@ reset to the source state and the adapt-and-predict loop. A method only implemen
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ class Adapter:
                        else StatsPolicy.named(bn, bn_source_weight, site_momentum=site_momentum))
         self.bn_name = bn if isinstance(bn, str) else "custom"
         self.lr, self.ensemble, self.batch_views = lr, ensemble, batch_views
+        self.pooled_weight = 0.0  # share of coordinator-pooled statistics, set by set_pooled
         self.model = convert_norms(copy.deepcopy(model), self.policy).eval()
         self.norms: list[AdaptiveNorm] = norm_layers(self.model)
         self.params = self.collect_params()
@@ -66,18 +68,46 @@ class Adapter:
         self.optimizer = self.make_optimizer()
         self.source_state = copy.deepcopy(self.model.state_dict())
         self.last_step: dict[str, float] = {}
+        self.last_teacher: torch.Tensor | None = None  # the weak-view mean, when the last step computed one
         self.images_seen = 0
         self._reset_auto()
 
     def use_policy(self, policy: StatsPolicy) -> None:
-        """Every BN layer normalises under `policy` from the next pass on."""
+        """Every BN layer normalises under `policy` (plus the pooled share, if any) from the next pass on."""
         self.policy = policy
-        set_policy(self.model, policy)
+        set_policy(self.model, self._with_pooled(policy))
+
+    def _with_pooled(self, policy: StatsPolicy) -> StatsPolicy:
+        w = self.pooled_weight
+        if w == 0:
+            return replace(policy, pooled=0.0)
+        if w == 1:
+            return replace(policy, source=0.0, image=0.0, site=0.0, pooled=1.0)
+        own = policy.source + policy.image + policy.site
+        return replace(policy, pooled=w / (1 - w) * own)
+
+    def set_pooled(self, moments: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
+        """Statistics pooled by a coordinator enter every BN layer as one more input with share `weight`
+        of the mix; the site's own policy (including bn='auto') keeps the rest. moments: per layer (m1, m2)."""
+        if not 0 <= weight <= 1:
+            raise ValueError(f"pooled weight {weight} must lie in [0, 1]")
+        if len(moments) != len(self.norms):
+            raise ValueError(f"pooled statistics for {len(moments)} BN layers, the model has {len(self.norms)}")
+        for layer, (m1, m2) in zip(self.norms, moments):
+            layer.set_pooled(m1, m2)
+        self.pooled_weight = weight
+        self.use_policy(self.policy)
+
+    def image_moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (E[x], E[x^2]) of every BN input, each [B, C], from the last adapted batch's own pass."""
+        moments = [layer.last_image_moments for layer in self.norms]
+        if any(m is None for m in moments):
+            raise RuntimeError("no observed pass yet: call adapt_and_predict first")
+        return moments
 
     def _reset_auto(self) -> None:
         self.shift_sum, self.shift_count, self.auto_switched = 0.0, 0, False
-        if self.auto:
-            self.use_policy(StatsPolicy.named("source"))
+        self.use_policy(StatsPolicy.named("source") if self.auto else self.policy)
 
     def _update_auto(self) -> dict[str, float]:
         """bn='auto': keep the source's statistics unless this site's low-level statistics sit far outside the
@@ -126,13 +156,20 @@ class Adapter:
         self.model.load_state_dict(self.source_state)
         self.optimizer = self.make_optimizer()
         self.generator.manual_seed(self._seed)
-        self.last_step, self.images_seen = {}, 0
+        self.last_step, self.images_seen, self.pooled_weight = {}, 0, 0.0
         self._reset_auto()
 
+    def _norm_keys(self) -> set[str]:
+        names = {name for name, m in self.model.named_modules() if isinstance(m, AdaptiveNorm)}
+        return {k for k in self.model.state_dict() if k.rsplit(".", 1)[0] in names}
+
     def state_dict(self) -> dict[str, Any]:
-        """A detached copy: torch's optimizer would otherwise share its moment tensors with the loader."""
+        """What adaptation changes, detached: the BN layers (affine parameters, site and pooled statistics),
+        the optimizer and RNG. The frozen weights are the source model's and are not repeated here."""
+        keys = self._norm_keys()
         return copy.deepcopy({
-            "model": self.model.state_dict(),
+            "model": {k: v for k, v in self.model.state_dict().items() if k in keys},
+            "pooled_weight": self.pooled_weight,
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "generator": self.generator.get_state(),
             "images_seen": self.images_seen,
@@ -140,14 +177,16 @@ class Adapter:
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        if set(state["model"]) != self._norm_keys():
+            raise ValueError("adapter state does not match this model's BN layers (another architecture?)")
+        self.model.load_state_dict(state["model"], strict=False)
+        self.pooled_weight = state.get("pooled_weight", 0.0)
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.images_seen = state["images_seen"]
         self.shift_sum, self.shift_count, self.auto_switched = state["auto"]
-        if self.auto:
-            self.use_policy(StatsPolicy.named("image" if self.auto_switched else "source"))
+        self.use_policy(StatsPolicy.named("image" if self.auto_switched else "source") if self.auto else self.policy)
 
     # --- the loop --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
@@ -180,6 +219,7 @@ class Adapter:
         """Adapt on a batch, then predict it: float [B, 3, H, W] in [0, 1] -> logits [B, 2, H, W]."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        self.last_teacher = None
         logits = self.step(images)
         self.last_step.update(self._update_auto())
         self.images_seen += images.shape[0]

@@ -18,14 +18,9 @@ import torch
 from grata.adapters.base import Adapter
 from grata.augment import strong_style
 from grata.losses import ENTROPY_FORMS, consistency, entropy
+from grata.proxy import view_agreement
 
 LOSSES = ("ent", "consis")
-
-
-def view_agreement(probs: torch.Tensor, teacher: torch.Tensor) -> float:
-    """Label-free Dice proxy x100: soft Dice between a prediction and the weak-view teacher, [B,2,H,W]."""
-    inter = (probs * teacher).sum((2, 3))
-    return (100 * (2 * inter + 1e-6) / (probs.sum((2, 3)) + teacher.sum((2, 3)) + 1e-6)).mean().item()
 
 
 def cus(cos: float) -> float:
@@ -121,6 +116,9 @@ class GraTaAdapter(Adapter):
             ent = entropy(logits, self.entropy_form).item()
         self.last_step = {"loss_aux": loss_aux.item(), "loss_pse": loss_pse.item(), "cosine": cos, "lr": lr,
                           "grad_aux_norm": n_aux.item(), "grad_pse_norm": n_pse.item(), "entropy": ent}
+        if "consis" in (self.aux, self.pse):
+            self.last_step["loss_consis"] = (loss_pse if self.pse == "consis" else loss_aux).item()
+        self.last_teacher = self._teacher
         if self._teacher is not None:  # free: the teacher of weak views was computed for the step
             proxy = view_agreement(torch.sigmoid(logits), self._teacher)
             self.last_step["proxy"] = proxy

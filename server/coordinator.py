@@ -1,0 +1,94 @@
+"""The coordinator's decisions, free of Flower and MLflow: site health, pooling and averaging.
+
+Per round it takes each site's accepted reply and returns what every site gets next round:
+pooled BN statistics (fed_stats), averaged BN affine parameters (fed_affine), and reset orders for
+sites whose label-free Dice proxy fell more than `proxy_margin` below their best so far.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from grata.adapters.grata import cus
+from grata.privacy import pool
+from server.config import AffineWeighting, FederationConfig, Variant
+
+
+@dataclass
+class SiteRecord:
+    name: str
+    rounds: list[dict[str, float]] = field(default_factory=list)  # metrics per completed round
+    best_proxy: float | None = None
+    flagged: list[int] = field(default_factory=list)  # rounds where the proxy fell past the margin
+    failures: list[int] = field(default_factory=list)  # rounds without a usable reply
+    reset_next: bool = False
+
+
+@dataclass
+class Coordinator:
+    cfg: FederationConfig
+    refs: list[tuple[torch.Tensor, torch.Tensor]]  # the source's per-layer BN (mean, var): public
+    sites: dict[str, SiteRecord] = field(default_factory=dict)
+    releases: list[tuple[list[torch.Tensor], int, float]] = field(default_factory=list)
+    pooled: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    pooled_kept: list[float] = field(default_factory=list)
+    affine: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def site(self, name: str) -> SiteRecord:
+        return self.sites.setdefault(name, SiteRecord(name))
+
+    def record_failure(self, name: str, rnd: int) -> None:
+        self.site(name).failures.append(rnd)
+
+    def observe(self, name: str, rnd: int, metrics: dict[str, float]) -> bool:
+        """Track a site's proxy; True when it fell more than the margin below its best (flagged)."""
+        rec = self.site(name)
+        rec.rounds.append({"round": rnd, **metrics})
+        proxy = metrics.get("dice_proxy")
+        if proxy is None:
+            return False
+        if rec.best_proxy is not None and proxy < rec.best_proxy - self.cfg.proxy_margin:
+            rec.flagged.append(rnd)
+            if self.cfg.reset_on_drop:
+                rec.reset_next = True
+                rec.best_proxy = None  # after the reset the site is measured afresh
+            return True
+        rec.best_proxy = proxy if rec.best_proxy is None else max(rec.best_proxy, proxy)
+        return False
+
+    def take_reset(self, name: str) -> bool:
+        """Whether this site is ordered back to the source model in the next round (asked once)."""
+        rec = self.site(name)
+        order, rec.reset_next = rec.reset_next, False
+        return order
+
+    def add_release(self, sums: list[torch.Tensor], count: int, noise_std: float) -> None:
+        if len(sums) != len(self.refs) or any(s.numel() != 2 * ref[0].numel() for s, ref in zip(sums, self.refs)):
+            raise ValueError("released statistics do not match the source model's BN layers")
+        self.releases.append((sums, count, noise_std))
+
+    def end_round(self, affine: dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]]) -> None:
+        """After a round's replies: pool all releases so far; average this round's affine parameters.
+
+        affine: site -> (per-layer (weight, bias), aggregation weight), from sites not being reset.
+        """
+        if self.cfg.variant == Variant.fed_stats and self.releases:
+            self.pooled, self.pooled_kept = pool(self.releases, self.refs)
+        if self.cfg.variant == Variant.fed_affine and affine:
+            total = sum(w for _, w in affine.values())
+            if total <= 0:  # every site's gradients conflicted: fall back to plain weights
+                affine = {k: (layers, 1.0) for k, (layers, _) in affine.items()}
+                total = float(len(affine))
+            n_layers = len(next(iter(affine.values()))[0])
+            self.affine = [tuple(sum(w * layers[i][j] for layers, w in affine.values()) / total for j in (0, 1))
+                           for i in range(n_layers)]
+
+    def affine_weight(self, metrics: dict[str, float]) -> float:
+        n = float(metrics.get("images", 0))
+        if self.cfg.affine_weighting == AffineWeighting.alignment and "align_cos_mean" in metrics:
+            return n * cus(metrics["align_cos_mean"])
+        return n
+
+
+__all__ = ["Coordinator", "SiteRecord"]

@@ -1,0 +1,170 @@
+"""One federation run over a Flower Grid: the coordinator's loop. server_app.py only wires it up.
+
+  query:  every site says who it is, how many images it has, whether it holds labels and the model
+  round r = 1..R: every site adapts over its next chunk; replies are audited against the allowed
+          list, then tracked (proxy, flags), pooled (fed_stats) or averaged (fed_affine) and logged
+  end:    per-site table, CSVs, plot, overlays; the MLflow runs are closed
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from client.protocol import ReplyRejected, audit, layer_record, layer_tensors
+from client.site import SiteConfig, load_source
+from grata.config import resolve_root
+from grata.privacy import calibrate
+from grata.train_source import TrainSourceConfig, ensure_source
+from server.config import FederateConfig, Variant, resolved
+from server.coordinator import Coordinator
+from server.report import site_summary, write_report
+from server.tracking import Tracker
+
+MEAN_KEYS = ("dice_proxy", "align_cos_mean", "lr_mean", "entropy", "dp_epsilon", "dice_disc", "dice_cup", "dice_mean")
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float = 120.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n or time.monotonic() > deadline:
+            return nodes
+        time.sleep(0.5)
+
+
+def source_refs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per BN layer (running mean, running var), in the order the sites' adapters list them."""
+    return [(m.running_mean.clone(), m.running_var.clone()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def _ask(grid: Grid, contents: dict[int, RecordDict], kind: str, rnd: int, timeout: float) -> dict[int, Message]:
+    messages = [Message(content, dst_node_id=nid, message_type=kind, group_id=str(rnd)) for nid, content in contents.items()]
+    replies = grid.send_and_receive(messages, timeout=timeout or None)
+    return {r.metadata.src_node_id: r for r in replies}
+
+
+def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None = None) -> dict[str, Any]:
+    """Run cfg.federation.variant over the grid's nodes; returns the per-site summary and timings."""
+    t_start = time.perf_counter()
+    variant = cfg.federation.variant
+    checkpoint = ensure_source(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train,
+                                                 checkpoint=cfg.checkpoint), base)
+    model, meta, digest = load_source(checkpoint)
+    if model.config != cfg.model:
+        raise ValueError(f"{checkpoint} holds {model.config}, the configuration asks for {cfg.model}")
+    rounds = cfg.federation.rounds
+    sigma = calibrate(cfg.privacy.epsilon, cfg.privacy.delta, rounds, cfg.privacy.accountant) \
+        if variant == Variant.fed_stats else 1.0
+    run_dir = Path(run_dir or Path(base) / cfg.out_dir / f"{variant.value}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = run_dir if run_dir.is_absolute() else Path(base) / run_dir
+    data = {**asdict(cfg.data), "root": str(resolve_root(cfg.data.root, base).resolve())}  # sites may run elsewhere
+    site_cfg = SiteConfig(data=data, adapter=cfg.method.adapter, options=dict(cfg.method.options),
+                          variant=variant.value, rounds=rounds, seed=cfg.seed, threads=cfg.threads,
+                          overlays=cfg.mlflow.overlays, clip=cfg.privacy.clip, noise_multiplier=sigma,
+                          epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
+                          state_root=str((run_dir / "sites").resolve()))
+    common = {"site_config": json.dumps(asdict(site_cfg)), "model_digest": digest, "model_hint": str(checkpoint.resolve())}
+
+    nodes = wait_for_nodes(grid, len(cfg.data.sites))
+    intro = _ask(grid, {n: RecordDict({"config": ConfigRecord(common)}) for n in nodes}, "query", 0,
+                 cfg.federation.round_timeout_s)
+    sites: dict[int, dict[str, Any]] = {}
+    for nid, reply in intro.items():
+        if reply.has_error():
+            print(f"node {nid} could not introduce itself: {reply.error.reason}")
+            continue
+        sites[nid] = dict(reply.content["site"])
+    if len(sites) < cfg.federation.min_sites:
+        raise RuntimeError(f"only {len(sites)} of {len(nodes)} sites answered; federation.min_sites={cfg.federation.min_sites}")
+    names = {nid: str(s["name"]) for nid, s in sites.items()}
+    print(f"{variant.value}: {len(sites)} sites: " + ", ".join(
+        f"{s['name']} ({s['images_total']} images{', labelled' if s['labelled'] else ''})" for s in sites.values()))
+    if variant == Variant.fed_stats:
+        print(f"  privacy: epsilon {cfg.privacy.epsilon}, delta {cfg.privacy.delta} over {rounds} releases "
+              f"-> noise multiplier {sigma:.3f}, clip {cfg.privacy.clip}")
+
+    config = resolved(cfg)
+    tracker = Tracker(cfg.mlflow, base, variant.value, config, sorted(names.values()))
+    coord = Coordinator(cfg.federation, source_refs(model))
+    needs_model = {nid for nid, s in sites.items() if not s["has_model"]}
+    status = "FAILED"
+    try:
+        for rnd in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            contents, resets = {}, {}
+            for nid, name in names.items():
+                resets[name] = coord.take_reset(name)
+                rec = {**common, "round": rnd, "reset": resets[name], "pooled_weight": cfg.federation.pooled_weight}
+                content = RecordDict()
+                if nid in needs_model:
+                    rec.update(model_config=json.dumps(asdict(model.config)), shift_reference=float(meta["shift_reference"]))
+                    content["model"] = ArrayRecord(model.state_dict())
+                if coord.pooled is not None:
+                    content["pooled"] = layer_record(coord.pooled, ("m1", "m2"))
+                if coord.affine is not None and not resets[name]:
+                    content["affine"] = layer_record(coord.affine, ("weight", "bias"))
+                content["config"] = ConfigRecord(rec)
+                contents[nid] = content
+            replies = _ask(grid, contents, "train", rnd, cfg.federation.round_timeout_s)
+            per_site, affine = {}, {}
+            for nid, name in names.items():
+                reply = replies.get(nid)
+                try:
+                    if reply is None:
+                        raise ReplyRejected("no reply within the round timeout")
+                    if reply.has_error():
+                        raise ReplyRejected(f"site error: {reply.error.reason}")
+                    audit(reply.content, variant.value)
+                    metrics = dict(reply.content["metrics"])
+                    if "privacy" in reply.content:
+                        metrics.update(reply.content["privacy"])
+                    if "stats" in reply.content:
+                        coord.add_release([s[0] for s in layer_tensors(reply.content["stats"], ("sum",))],
+                                          int(metrics["stats_images"]), float(metrics["dp_noise_std"]))
+                    layers = layer_tensors(reply.content["affine"], ("weight", "bias")) if "affine" in reply.content else None
+                except (ReplyRejected, ValueError, KeyError) as exc:
+                    coord.record_failure(name, rnd)
+                    print(f"  round {rnd}: {name}: reply not used: {exc}")
+                    tracker.tag_site(name, f"fedgrata.failure.round{rnd}", str(exc)[:500])
+                    continue
+                needs_model.discard(nid)
+                flagged = coord.observe(name, rnd, metrics)
+                if layers is not None and not flagged:  # a drifting site's parameters are not averaged in
+                    affine[name] = (layers, coord.affine_weight(metrics))
+                per_site[name] = {**metrics, "flagged": float(flagged), "reset": float(resets[name])}
+            coord.end_round(affine)
+            if len(per_site) < cfg.federation.min_sites:
+                raise RuntimeError(f"round {rnd}: {len(per_site)} usable replies, federation.min_sites={cfg.federation.min_sites}")
+            means = {k: sum(m[k] for m in per_site.values() if k in m) / n
+                     for k in MEAN_KEYS if (n := sum(k in m for m in per_site.values()))}
+            if coord.pooled_kept:
+                means["dp_signal_kept"] = sum(coord.pooled_kept) / len(coord.pooled_kept)
+            tracker.log_round(rnd, per_site, means)
+            print(f"  round {rnd}/{rounds} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
+                f"{n} proxy {m.get('dice_proxy', float('nan')):.1f}"
+                + (f" dice {m['dice_mean']:.1f}" if "dice_mean" in m else "")
+                + (" FLAGGED" if m["flagged"] else "") for n, m in sorted(per_site.items())), flush=True)
+        status = "FINISHED"
+    finally:
+        summary = site_summary(coord)
+        wall = time.perf_counter() - t_start
+        timing = {"wall_s": wall, "client_compute_s": sum(r.get("seconds", 0.0) for s in coord.sites.values() for r in s.rounds)}
+        files = write_report(run_dir, variant.value, summary, coord, config, timing)
+        for path in files:
+            tracker.log_artifact(path)
+        for name in names.values():
+            for png in sorted((run_dir / "sites" / name / "overlays").glob("*.png")):
+                tracker.log_artifact(png, site=name, folder="overlays")
+        tracker.finish(status)
+    return {"variant": variant.value, "sites": summary, "timing": timing, "run_dir": str(run_dir),
+            "mlflow": {"uri": tracker.uri, "parent_run_id": tracker.parent}}
+
+
+__all__ = ["federate", "source_refs", "wait_for_nodes"]

@@ -1,0 +1,39 @@
+"""The coordinator's Flower ServerApp. Thin: configuration in, server/federation.py does the work.
+
+Under `flwr run .` the run config (pyproject's [tool.flwr.app.config], or --run-config) carries
+`overrides`, Hydra overrides as one string (e.g. "federation=fed_stats data=fundus model=resnet34"),
+and `base-dir`, the folder relative paths (data, checkpoints, mlflow.db, runs) are taken from.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.config import FederateConfig, load_config
+from server.federation import federate
+
+
+def make_server_app(cfg: FederateConfig, base: Path, run_dir: Path | None = None, results: list | None = None) -> ServerApp:
+    """A ServerApp bound to an already composed configuration (the Python simulation entry points)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        out = federate(grid, cfg, base, run_dir)
+        if results is not None:
+            results.append(out)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = load_config(str(context.run_config.get("overrides", "")))
+    base = Path(str(context.run_config.get("base-dir", "")) or os.getcwd())
+    federate(grid, cfg, base)

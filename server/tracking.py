@@ -1,0 +1,80 @@
+"""MLflow records of a federation, written from the coordinator only.
+
+One parent run per variant (params: the whole resolved configuration; tag fedgrata.variant; metrics:
+the means over sites), one nested child run per site (tag fedgrata.site) with its per-round metrics.
+Metric writes go in one batch per run and round. Runs are addressed by id through MlflowClient: no
+global active run, so several trackers can coexist in one process.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from server.config import MlflowConfig
+
+BATCH_PARAMS = 100  # MLflow accepts at most 100 params per batch call
+
+
+def tracking_uri(cfg: MlflowConfig, base: Path) -> str:
+    """The configured URI, or a sqlite file in `base` addressed by its absolute path."""
+    return cfg.tracking_uri or f"sqlite:///{(Path(base) / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; values as strings, cut to MLflow's 6000 characters."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+class Tracker:
+    def __init__(self, cfg: MlflowConfig, base: Path, variant: str, config: dict[str, Any], sites: list[str]) -> None:
+        self.uri = tracking_uri(cfg, base)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in the working directory
+                location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            exp_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        self.parent = self.client.create_run(exp_id, run_name=cfg.run_name or variant,
+                                             tags={"fedgrata.variant": variant}).info.run_id
+        params = [Param(k, v) for k, v in flatten(config).items()]
+        for i in range(0, len(params), BATCH_PARAMS):
+            self.client.log_batch(self.parent, params=params[i:i + BATCH_PARAMS])
+        self.children = {}
+        for site in sites:
+            tags = {"mlflow.parentRunId": self.parent, "fedgrata.site": site, "fedgrata.variant": variant}
+            self.children[site] = self.client.create_run(exp_id, run_name=f"{variant} / {site}", tags=tags).info.run_id
+
+    def log_round(self, rnd: int, per_site: dict[str, dict[str, float]], means: dict[str, float]) -> None:
+        stamp = int(time.time() * 1000)
+        for site, metrics in per_site.items():
+            batch = [Metric(k, float(v), stamp, rnd) for k, v in metrics.items() if isinstance(v, (int, float))]
+            if batch:
+                self.client.log_batch(self.children[site], metrics=batch)
+        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), stamp, rnd) for k, v in means.items()])
+
+    def tag_site(self, site: str, key: str, value: str) -> None:
+        self.client.log_batch(self.children[site], tags=[RunTag(key, value)])
+
+    def log_artifact(self, path: Path, site: str | None = None, folder: str | None = None) -> None:
+        self.client.log_artifact(self.children[site] if site else self.parent, str(path), folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        for run_id in [*self.children.values(), self.parent]:
+            self.client.set_terminated(run_id, status=status)
+
+
+__all__ = ["Tracker", "flatten", "tracking_uri"]
