@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -109,7 +110,9 @@ class Site:
         if cfg.variant == "fed_stats":
             self.private = PrivateMoments(source_moments(self.adapter.norms), cfg.clip, cfg.noise_multiplier,
                                           cfg.epsilon, cfg.delta, cfg.accountant, list(self.state.privacy_history))
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.state.last_round)
+        # The privacy noise must be unknown to the coordinator (it could otherwise regenerate and subtract
+        # it), so it is drawn from the OS's entropy, never from the configuration's seed.
+        self.noise = torch.Generator().manual_seed(secrets.randbits(63))
 
     # --- state ---------------------------------------------------------------------------------------
     @property
@@ -192,7 +195,7 @@ class Site:
                 metrics[key] = float(np.mean([s[key] for s in scores]))
         out: dict[str, Any] = {"metrics": metrics, "skipped": report.skipped}
         if self.private is not None:
-            released = self.private.release(self.generator)
+            released = self.private.release(self.noise)
             out["privacy"] = {"dp_epsilon": self.private.spent(), "dp_delta": self.cfg.delta,
                               "dp_noise_std": self.private.noise_std, "dp_released": float(released is not None)}
             if released is not None:

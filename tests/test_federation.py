@@ -1,0 +1,181 @@
+"""The federation end to end, in process: two tiny synthetic sites, two rounds, every variant."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from client.client_app import app as client_app
+from client.protocol import ALLOWED, MAX_CHANNELS, audit
+from client.site import Site, SiteConfig, open_site_data
+from grata.models import ModelConfig, ResUNet, save_checkpoint
+from server.config import load_config
+from server.federation import federate
+from server.inline_grid import InlineGrid
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small random ResUNet-18 with a shift reference, standing in for a trained source model."""
+    torch.manual_seed(0)
+    model = ResUNet(ModelConfig(encoder="resnet18", decoder_width=16)).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "source.pt"
+    save_checkpoint(path, model, shift_reference=0.05)
+    path.with_suffix(".json").write_text("{}")
+    return path
+
+
+def tiny_config(tmp: Path, checkpoint: Path, *overrides: str):
+    return load_config([
+        "engine=inline", f"data.size={SIZE}", "data.synthetic_test=4", "data.sites=[colour_cast,gamma]",
+        "model.encoder=resnet18", "model.decoder_width=16", f"checkpoint={checkpoint}", "federation.rounds=2",
+        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"out_dir={tmp}/runs", "mlflow.overlays=1", *overrides])
+
+
+class RecordingGrid(InlineGrid):
+    """Keeps every reply a site sent, to audit exactly what left it."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.replies = []
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.replies += [r for r in replies if r.metadata.message_type == "train"]
+        return replies
+
+
+def run_tiny(tmp: Path, checkpoint: Path, *overrides: str) -> tuple[dict, RecordingGrid]:
+    cfg = tiny_config(tmp, checkpoint, *overrides)
+    grid = RecordingGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)])
+    return federate(grid, cfg, tmp), grid
+
+
+def test_fed_stats_run_is_recorded_in_mlflow(tmp_path, checkpoint):
+    result, grid = run_tiny(tmp_path, checkpoint, "federation=fed_stats")
+    assert not any(r.has_error() for r in grid.replies)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("fedgrata")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    assert parents[0].data.tags["fedgrata.variant"] == "fed_stats"
+    assert parents[0].data.params["federation.variant"] == "fed_stats"
+    assert parents[0].data.params["privacy.epsilon"] == "8.0"
+    assert sorted(c.data.tags["fedgrata.site"] for c in children) == ["colour_cast", "gamma"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        for key in ("dice_proxy", "align_cos_mean", "lr_mean", "entropy", "dp_epsilon", "dice_disc", "dice_cup", "dice_mean"):
+            history = client.get_metric_history(child.info.run_id, key)
+            assert [m.step for m in history] == [1, 2], key
+        eps = [m.value for m in client.get_metric_history(child.info.run_id, "dp_epsilon")]
+        assert 0 < eps[0] < eps[1] <= 8.0 + 1e-6
+        overlays = [a.path for a in client.list_artifacts(child.info.run_id, "overlays")]
+        assert overlays and all(p.endswith(".png") for p in overlays)
+    parent = parents[0].info.run_id
+    assert [m.step for m in client.get_metric_history(parent, "dice_proxy")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"config.yaml", "sites.csv", "rounds.csv", "rounds.png", "summary.json"} <= artifacts
+    assert set(result["sites"]) == {"colour_cast", "gamma"} and result["sites"]["gamma"]["images"] == 4
+
+
+@pytest.mark.parametrize("variant", ["local_only", "fed_stats", "fed_affine"])
+def test_replies_hold_only_the_allowed_records(tmp_path, checkpoint, variant):
+    _, grid = run_tiny(tmp_path, checkpoint, f"federation={variant}")
+    model = ResUNet(ModelConfig(encoder="resnet18", decoder_width=16))
+    channels = [m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(grid.replies) == 4  # 2 sites x 2 rounds
+    expected = {"local_only": {"site", "metrics"}, "fed_stats": {"site", "metrics", "privacy", "stats"},
+                "fed_affine": {"site", "metrics", "affine"}}[variant]
+    for reply in grid.replies:
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        assert set(reply.content.keys()) == expected
+        for item in audit(reply.content, variant):  # raises on anything off the list
+            assert item["record"] in ALLOWED[variant]
+            assert len(item["shape"]) == 1 and item["shape"][0] <= 2 * MAX_CHANNELS
+        for name, record in reply.content.array_records.items():
+            for i, (key, array) in enumerate(sorted(record.items(), key=lambda kv: int(kv[0].split(".")[0]))):
+                layer = int(key.split(".")[0])
+                per = 2 if name == "stats" else 1  # stats: mean and second moment of each channel
+                assert tuple(array.shape) == (per * channels[layer],)  # per channel, nothing image-sized
+                assert array.numpy().size < 3 * SIZE * SIZE
+
+
+def test_audit_rejects_what_may_not_leave(tmp_path, checkpoint):
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    image = RecordDict({"stats": ArrayRecord({"0.sum": torch.zeros(3, SIZE, SIZE)})})
+    with pytest.raises(ValueError, match="per-channel"):
+        audit(image, "fed_stats")
+    with pytest.raises(ValueError, match="not allowed"):
+        audit(RecordDict({"stats": ArrayRecord({"0.sum": torch.zeros(8)})}), "local_only")
+    with pytest.raises(ValueError, match="not allowed"):
+        audit(RecordDict({"metrics": MetricRecord({"patient_id": 1.0})}), "local_only")
+    with pytest.raises(ValueError, match="finite"):
+        audit(RecordDict({"metrics": MetricRecord({"dice_proxy": float("nan")})}), "local_only")
+
+
+def test_site_state_survives_a_new_process(tmp_path, checkpoint):
+    """Two rounds with one Site object == two rounds each with a fresh Site (a new ClientApp process)."""
+    cfg = tiny_config(tmp_path, checkpoint)
+    site_cfg = SiteConfig(data={**cfg.data.__dict__, "sites": ["gamma"]}, adapter=cfg.method.adapter,
+                          options=dict(cfg.method.options), variant="fed_stats", rounds=2, noise_multiplier=1.0,
+                          overlays=0)
+    dataset = open_site_data(site_cfg, "gamma")
+    same = Site("gamma", dataset, tmp_path / "a", site_cfg, checkpoint)
+    out_same = [same.run_round(1), same.run_round(2)]
+    out_fresh = [Site("gamma", dataset, tmp_path / "b", site_cfg, checkpoint).run_round(r) for r in (1, 2)]
+    for a, b in zip(out_same, out_fresh):
+        for key in ("dice_proxy", "align_cos_mean", "dice_mean"):
+            assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-6)
+        assert a["privacy"]["dp_epsilon"] == pytest.approx(b["privacy"]["dp_epsilon"])  # the accountant persisted
+        assert a["metrics"]["stats_images"] == b["metrics"]["stats_images"] == 2
+    with pytest.raises(RuntimeError, match="already done"):
+        Site("gamma", dataset, tmp_path / "b", site_cfg, checkpoint).run_round(2)
+
+
+def test_reset_order_returns_the_site_to_the_source_model(tmp_path, checkpoint):
+    cfg = tiny_config(tmp_path, checkpoint)
+    site_cfg = SiteConfig(data=dict(cfg.data.__dict__), adapter="grata",
+                          options={"lr": 1e-2, "bn": "source"}, rounds=2, overlays=0)
+    site = Site("gamma", open_site_data(site_cfg, "gamma"), tmp_path / "s", site_cfg, checkpoint)
+    source = [p.detach().clone() for p in site.adapter.params]
+    site.run_round(1)
+    assert any(not torch.equal(p, q) for p, q in zip(site.adapter.params, source))
+    site.save()
+    again = Site("gamma", site.dataset, tmp_path / "s", site_cfg, checkpoint)
+    again.reset_to_source()
+    assert all(torch.equal(p, q) for p, q in zip(again.adapter.params, source))
+    assert again.state.resets == 1
+
+
+def test_model_is_sent_once_to_a_site_without_it(tmp_path, checkpoint):
+    """A site with no access to the coordinator's file gets the weights in its first round only."""
+    cfg = tiny_config(tmp_path, checkpoint)
+    cfg.checkpoint = str(checkpoint)
+    grid = RecordingGrid(client_app, [{"partition-id": 0, "num-partitions": 1}])
+    sent = []
+    original = grid.push_messages
+
+    def spy(messages):
+        messages = list(messages)
+        sent.extend(m for m in messages if m.metadata.message_type == "train")
+        return original(messages)
+
+    grid.push_messages = spy
+    cfg.data.sites = ["gamma"]
+    import client.client_app as ca
+    real = ca.find_model
+    ca.find_model = lambda state_dir, context, config: real(state_dir, context, {**dict(config), "model_hint": ""})
+    try:
+        federate(grid, cfg, tmp_path)
+    finally:
+        ca.find_model = real
+    assert ["model" in m.content for m in sent] == [True, False]
+    assert (Path(json.loads(str(sent[0].content["config"]["site_config"]))["state_root"]) / "gamma" / "source_model.pt").is_file()
