@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo evaluate-fundus train-fundus clean
+.PHONY: install test demo evaluate evaluate-fundus train-fundus federate-fundus flwr-run clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The main job: local_only, fed_stats and fed_affine across four synthetic sites (Flower simulation, MLflow in ./mlflow.db)
 demo: $(STAMP)
+	$(BIN)/python -m simulations.compare
+
+# The paper's protocol, one process, every method (no federation)
+evaluate: $(STAMP)
 	$(BIN)/python -m simulations.evaluate
 
 train-fundus: $(STAMP)
@@ -27,5 +32,12 @@ train-fundus: $(STAMP)
 evaluate-fundus: $(STAMP)
 	$(BIN)/python -m simulations.evaluate data=fundus
 
+federate-fundus: $(STAMP)
+	$(BIN)/python -m simulations.compare data=fundus
+
+# The same federation through Flower's own launcher (`flwr run .`), with the run's true status
+flwr-run: $(STAMP)
+	$(BIN)/python -m simulations.flwr_local $(ARGS)
+
 clean:
-	rm -rf $(VENV) runs outputs checkpoints
+	rm -rf $(VENV) runs outputs checkpoints mlartifacts mlflow.db .flwr

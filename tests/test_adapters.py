@@ -160,3 +160,28 @@ def test_auto_policy_keeps_source_statistics_for_a_small_shift_and_switches_for_
     assert shifted.describe()["bn_policy"]["image"] == 1.0
     shifted.reset()
     assert not shifted.auto_switched and all(layer.policy == plain_source.policy for layer in shifted.norms)
+
+
+def test_pooled_statistics_enter_as_one_more_weighted_input(tiny_model, image):
+    import copy
+
+    from grata.adapters import build_adapter
+
+    adapter = build_adapter("source", tiny_model)
+    base = adapter.predict(image)
+    same = [(n.running_mean.clone(), n.running_var + n.running_mean**2) for n in adapter.norms]
+    adapter.set_pooled(same, 0.5)  # pooled == source: nothing changes
+    assert torch.allclose(adapter.predict(image), base, atol=1e-5)
+    other = [(m1 + 0.3, m2 + 0.5) for m1, m2 in same]
+    adapter.set_pooled(other, 1.0)  # pooled only: as if the source statistics were the pooled ones
+    swapped = copy.deepcopy(tiny_model)
+    for bn, (m1, m2) in zip([m for m in swapped.modules() if isinstance(m, torch.nn.BatchNorm2d)], other):
+        bn.running_mean.copy_(m1)
+        bn.running_var.copy_(m2 - m1**2)
+    assert torch.allclose(adapter.predict(image), swapped(image), atol=1e-4)
+    state = adapter.state_dict()
+    again = build_adapter("source", tiny_model)
+    again.load_state_dict(state)  # the pooled share and statistics persist with the site
+    assert again.pooled_weight == 1.0 and torch.allclose(again.predict(image), swapped(image), atol=1e-4)
+    again.reset()
+    assert again.pooled_weight == 0.0 and torch.allclose(again.predict(image), base, atol=1e-5)

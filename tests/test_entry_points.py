@@ -82,3 +82,24 @@ def test_report_merges_runs_split_across_processes(tmp_path):
         assert len(list(csv.DictReader(fh))) == 4
     with pytest.raises(ValueError, match="repeats methods"):
         merge([tmp_path / "a", tmp_path / "a"], tmp_path / "bad")
+
+
+def test_federation_config_groups_and_bad_values():
+    from hydra.errors import ConfigCompositionException
+
+    from server.config import Variant, load_config
+
+    cfg = load_config(["federation=fed_stats", "method=grata_paper", "privacy=strict", "data=fundus", "model=resnet18"])
+    assert cfg.federation.variant == Variant.fed_stats and cfg.privacy.epsilon == 1.0
+    assert cfg.method.adapter == "grata" and cfg.method.options["bn"] == "image"
+    assert cfg.data.sites == ["Drishti_GS", "RIM_ONE_r1", "RIM_ONE_r2", "RIM_ONE_r3"] and cfg.data.site_split == "test"
+    assert cfg.model.encoder == "resnet18"  # the model group, when chosen, wins over the data default
+    assert load_config(["data=fundus"]).model.encoder == "resnet34"
+    with pytest.raises(ConfigCompositionException):
+        load_config(["federation.variant=everything"])  # not a variant: Hydra's error
+    with pytest.raises(ConfigCompositionException):
+        load_config(["federation.rounds=many"])
+    for bad, name in (("privacy.epsilon=0", "epsilon"), ("federation.pooled_weight=2", "pooled_weight"),
+                      ("engine=spark", "engine"), ("data.site_split=val", "site_split"), ("variants=[fed_all]", "variants")):
+        with pytest.raises(ValueError, match=name):
+            load_config([bad])
