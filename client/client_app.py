@@ -89,7 +89,9 @@ def train(msg: Message, context: Context) -> Message:
     if bool(config.get("reset", False)):
         site.reset_to_source()
     if "pooled" in msg.content:
-        site.set_pooled(layer_tensors(msg.content["pooled"], ("m1", "m2")), float(config["pooled_weight"]))
+        weights = config.get("pooled_weights")  # per layer: the share the privacy noise left as signal
+        site.set_pooled(layer_tensors(msg.content["pooled"], ("m1", "m2")),
+                        [float(w) for w in weights] if weights is not None else float(config["pooled_weight"]))
     if "affine" in msg.content:
         site.set_affine(layer_tensors(msg.content["affine"], ("weight", "bias")))
     out = site.run_round(int(config["round"]))

@@ -37,7 +37,7 @@ class AffineWeighting(Enum):
 class FederationConfig:
     variant: Variant = Variant.local_only
     rounds: int = 4  # each site's stream is split evenly over the rounds
-    pooled_weight: float = 0.5  # fed_stats: share of the pooled statistics in every BN layer's mix
+    pooled_weight: float = 0.5  # fed_stats: the pooled statistics' share of a BN layer's mix, times the signal share the privacy noise left in that layer
     affine_weighting: AffineWeighting = AffineWeighting.images
     proxy_margin: float = 10.0  # flag a site whose Dice proxy falls this far below its best
     reset_on_drop: bool = True  # and order it back to the source model

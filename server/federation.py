@@ -108,6 +108,9 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                     content["model"] = ArrayRecord(model.state_dict())
                 if coord.pooled is not None:
                     content["pooled"] = layer_record(coord.pooled, ("m1", "m2"))
+                    # each layer's share shrinks with the signal that survived the privacy noise: noise-only
+                    # statistics are not mixed in (they would pull every site towards the source's)
+                    rec["pooled_weights"] = [cfg.federation.pooled_weight * k for k in coord.pooled_kept]
                 if coord.affine is not None and not resets[name]:
                     content["affine"] = layer_record(coord.affine, ("weight", "bias"))
                 content["config"] = ConfigRecord(rec)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from grata.augment import invert_views, weak_views
-from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers, set_policy
+from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers
 
 
 @torch.no_grad()
@@ -59,7 +59,7 @@ class Adapter:
                        else StatsPolicy.named(bn, bn_source_weight, site_momentum=site_momentum))
         self.bn_name = bn if isinstance(bn, str) else "custom"
         self.lr, self.ensemble, self.batch_views = lr, ensemble, batch_views
-        self.pooled_weight = 0.0  # share of coordinator-pooled statistics, set by set_pooled
+        self.pooled_weight: float | list[float] = 0.0  # share of coordinator-pooled statistics (set_pooled)
         self.model = convert_norms(copy.deepcopy(model), self.policy).eval()
         self.norms: list[AdaptiveNorm] = norm_layers(self.model)
         self.params = self.collect_params()
@@ -73,12 +73,14 @@ class Adapter:
         self._reset_auto()
 
     def use_policy(self, policy: StatsPolicy) -> None:
-        """Every BN layer normalises under `policy` (plus the pooled share, if any) from the next pass on."""
+        """Every BN layer normalises under `policy` (plus its pooled share, if any) from the next pass on."""
         self.policy = policy
-        set_policy(self.model, self._with_pooled(policy))
+        weights = self.pooled_weight if isinstance(self.pooled_weight, list) else [self.pooled_weight] * len(self.norms)
+        for layer, w in zip(self.norms, weights):
+            layer.policy = self._with_pooled(policy, w)
 
-    def _with_pooled(self, policy: StatsPolicy) -> StatsPolicy:
-        w = self.pooled_weight
+    @staticmethod
+    def _with_pooled(policy: StatsPolicy, w: float) -> StatsPolicy:
         if w == 0:
             return replace(policy, pooled=0.0)
         if w == 1:
@@ -86,16 +88,19 @@ class Adapter:
         own = policy.source + policy.image + policy.site
         return replace(policy, pooled=w / (1 - w) * own)
 
-    def set_pooled(self, moments: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
+    def set_pooled(self, moments: list[tuple[torch.Tensor, torch.Tensor]], weight: float | list[float]) -> None:
         """Statistics pooled by a coordinator enter every BN layer as one more input with share `weight`
-        of the mix; the site's own policy (including bn='auto') keeps the rest. moments: per layer (m1, m2)."""
-        if not 0 <= weight <= 1:
-            raise ValueError(f"pooled weight {weight} must lie in [0, 1]")
-        if len(moments) != len(self.norms):
-            raise ValueError(f"pooled statistics for {len(moments)} BN layers, the model has {len(self.norms)}")
+        of the mix (one share for all layers, or one per layer); the site's own policy (bn='auto'
+        included) keeps the rest. moments: per layer (m1, m2), each [C]."""
+        weights = weight if isinstance(weight, list) else [weight] * len(self.norms)
+        if len(moments) != len(self.norms) or len(weights) != len(self.norms):
+            raise ValueError(f"pooled statistics for {len(moments)} BN layers ({len(weights)} weights), "
+                             f"the model has {len(self.norms)}")
+        if not all(0 <= w <= 1 for w in weights):
+            raise ValueError(f"pooled weights must lie in [0, 1]: {weights}")
         for layer, (m1, m2) in zip(self.norms, moments):
             layer.set_pooled(m1, m2)
-        self.pooled_weight = weight
+        self.pooled_weight = [float(w) for w in weights] if isinstance(weight, list) else float(weight)
         self.use_policy(self.policy)
 
     def image_moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
