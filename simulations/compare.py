@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
@@ -36,6 +37,21 @@ def comparison(results: dict[str, dict], sites: list[str]) -> str:
     return "\n".join(lines)
 
 
+def proxy_correlation(results: dict[str, dict]) -> float | None:
+    """Pearson correlation of the Dice proxy with the true Dice over every labelled site-round."""
+    pairs = []
+    for res in results.values():
+        with (Path(res["run_dir"]) / "rounds.csv").open() as fh:
+            pairs += [(float(r["dice_proxy"]), float(r["dice_mean"])) for r in csv.DictReader(fh)
+                      if r.get("dice_proxy") and r.get("dice_mean")]
+    if len(pairs) < 3:
+        return None
+    proxy, dice = np.array(pairs).T
+    if proxy.std() == 0 or dice.std() == 0:
+        return None
+    return float(np.corrcoef(proxy, dice)[0, 1])
+
+
 def compare(cfg: FederateConfig, base: Path) -> dict[str, dict]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.out_dir)
@@ -49,7 +65,6 @@ def compare(cfg: FederateConfig, base: Path) -> dict[str, dict]:
     sites = list(cfg.data.sites)
     table = comparison(results, sites)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.txt").write_text(table + "\n")
     (out / "compare.json").write_text(json.dumps(results, indent=2, default=str))
     with (out / "compare.csv").open("w", newline="") as fh:
         keys = ("dice_mean", "dice_disc", "dice_cup", "dice_proxy", "dp_epsilon")
@@ -61,6 +76,10 @@ def compare(cfg: FederateConfig, base: Path) -> dict[str, dict]:
     bars = {name: {**{s: r["sites"].get(s, {}) for s in sites}, "mean": mean_row(r["sites"])} for name, r in results.items()}
     if all("dice_mean" in b[s] for b in bars.values() for s in [*sites, "mean"]):
         dice_bars(bars, sites, out / "compare.png", title=f"{cfg.data.kind}: {cfg.method.adapter} per site, by federation variant")
+    corr = proxy_correlation(results)
+    if corr is not None:
+        table += f"\nDice proxy vs true Dice over all site-rounds: Pearson r = {corr:.2f}"
+    (out / "compare.txt").write_text(table + "\n")
     print("\n" + table)
     print(f"written to {out}; MLflow: {next(iter(results.values()))['mlflow']['uri']}")
     return results
