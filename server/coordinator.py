@@ -63,10 +63,22 @@ class Coordinator:
         order, rec.reset_next = rec.reset_next, False
         return order
 
-    def add_release(self, sums: list[torch.Tensor], count: int, noise_std: float) -> None:
-        if len(sums) != len(self.refs) or any(s.numel() != 2 * ref[0].numel() for s, ref in zip(sums, self.refs)):
+    def check_release(self, sums: list[torch.Tensor], count: int, noise_std: float) -> None:
+        """Released statistics must match the source model layer by layer, from > 0 images, with noise."""
+        if len(sums) != len(self.refs) or any(s.shape != (2 * ref[0].numel(),) for s, ref in zip(sums, self.refs)):
             raise ValueError("released statistics do not match the source model's BN layers")
+        if count <= 0 or not noise_std > 0:
+            raise ValueError(f"a release needs images (got {count}) and noise (std {noise_std})")
+
+    def add_release(self, sums: list[torch.Tensor], count: int, noise_std: float) -> None:
+        self.check_release(sums, count, noise_std)
         self.releases.append((sums, count, noise_std))
+
+    def check_affine(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A site's BN affine parameters must match the source model layer by layer, finite."""
+        if len(layers) != len(self.refs) or any(w.shape != ref[0].shape or b.shape != ref[0].shape
+                                                for (w, b), ref in zip(layers, self.refs)):
+            raise ValueError("affine parameters do not match the source model's BN layers")
 
     def end_round(self, affine: dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]]) -> None:
         """After a round's replies: pool all releases so far; average this round's affine parameters.

@@ -116,7 +116,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                 content["config"] = ConfigRecord(rec)
                 contents[nid] = content
             replies = _ask(grid, contents, "train", rnd, cfg.federation.round_timeout_s)
-            per_site, affine = {}, {}
+            per_site, affine, failed = {}, {}, {}
             for nid, name in names.items():
                 reply = replies.get(nid)
                 try:
@@ -128,15 +128,22 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                     metrics = dict(reply.content["metrics"])
                     if "privacy" in reply.content:
                         metrics.update(reply.content["privacy"])
+                    release = None
                     if "stats" in reply.content:
-                        coord.add_release([s[0] for s in layer_tensors(reply.content["stats"], ("sum",))],
-                                          int(metrics["stats_images"]), float(metrics["dp_noise_std"]))
+                        release = ([s[0] for s in layer_tensors(reply.content["stats"], ("sum",))],
+                                   int(metrics["stats_images"]), float(metrics["dp_noise_std"]))
+                        coord.check_release(*release)
                     layers = layer_tensors(reply.content["affine"], ("weight", "bias")) if "affine" in reply.content else None
-                except (ReplyRejected, ValueError, KeyError) as exc:
+                    if layers is not None:
+                        coord.check_affine(layers)
+                except (ReplyRejected, ValueError, KeyError) as exc:  # recorded, logged, never aggregated
                     coord.record_failure(name, rnd)
                     print(f"  round {rnd}: {name}: reply not used: {exc}")
                     tracker.tag_site(name, f"fedgrata.failure.round{rnd}", str(exc)[:500])
+                    failed[name] = {"reply_failed": 1.0}
                     continue
+                if release is not None:
+                    coord.add_release(*release)
                 needs_model.discard(nid)
                 flagged = coord.observe(name, rnd, metrics)
                 if layers is not None and not flagged:  # a drifting site's parameters are not averaged in
@@ -149,7 +156,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                      for k in MEAN_KEYS if (n := sum(k in m for m in per_site.values()))}
             if coord.pooled_kept:
                 means["dp_signal_kept"] = sum(coord.pooled_kept) / len(coord.pooled_kept)
-            tracker.log_round(rnd, per_site, means)
+            tracker.log_round(rnd, {**per_site, **failed}, means)
             print(f"  round {rnd}/{rounds} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
                 f"{n} proxy {m.get('dice_proxy', float('nan')):.1f}"
                 + (f" dice {m['dice_mean']:.1f}" if "dice_mean" in m else "")

@@ -45,3 +45,53 @@ def fundus_root() -> Path:
     if not FUNDUS.is_dir():
         pytest.skip("../shared/data/fundus is not present")
     return FUNDUS
+
+
+# --- the federation's tiny in-process setup (test_federation, test_faults) -------------------------
+from grata.models import ModelConfig, ResUNet, save_checkpoint  # noqa: E402
+from server.config import load_config  # noqa: E402
+from server.federation import federate  # noqa: E402
+from server.inline_grid import InlineGrid  # noqa: E402
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small random ResUNet-18 with a shift reference, standing in for a trained source model."""
+    torch.manual_seed(0)
+    model = ResUNet(ModelConfig(encoder="resnet18", decoder_width=16)).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "source.pt"
+    save_checkpoint(path, model, shift_reference=1e9)  # bn=auto never switches (1x1 maps at 32 px)
+    path.with_suffix(".json").write_text("{}")
+    return path
+
+
+def tiny_config(tmp: Path, checkpoint: Path, *overrides: str):
+    return load_config([
+        "engine=inline", f"data.size={SIZE}", "data.synthetic_test=4", "data.sites=[colour_cast,gamma]",
+        "model.encoder=resnet18", "model.decoder_width=16", f"checkpoint={checkpoint}", "federation.rounds=2",
+        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"out_dir={tmp}/runs", "mlflow.overlays=1", *overrides])
+
+
+class RecordingGrid(InlineGrid):
+    """Keeps every reply a site sent, to audit exactly what left it."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.replies = []
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.replies += [r for r in replies if r.metadata.message_type == "train"]
+        return replies
+
+
+def run_tiny(tmp: Path, checkpoint: Path, *overrides: str) -> tuple[dict, "RecordingGrid"]:
+    from client.client_app import app as client_app
+
+    cfg = tiny_config(tmp, checkpoint, *overrides)
+    grid = RecordingGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)])
+    return federate(grid, cfg, tmp), grid
+
+

@@ -11,49 +11,10 @@ from mlflow.tracking import MlflowClient
 from client.client_app import app as client_app
 from client.protocol import ALLOWED, MAX_CHANNELS, audit
 from client.site import Site, SiteConfig, open_site_data
-from grata.models import ModelConfig, ResUNet, save_checkpoint
-from server.config import load_config
+from grata.models import ModelConfig, ResUNet
 from server.federation import federate
-from server.inline_grid import InlineGrid
 
-SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A small random ResUNet-18 with a shift reference, standing in for a trained source model."""
-    torch.manual_seed(0)
-    model = ResUNet(ModelConfig(encoder="resnet18", decoder_width=16)).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "source.pt"
-    save_checkpoint(path, model, shift_reference=0.05)
-    path.with_suffix(".json").write_text("{}")
-    return path
-
-
-def tiny_config(tmp: Path, checkpoint: Path, *overrides: str):
-    return load_config([
-        "engine=inline", f"data.size={SIZE}", "data.synthetic_test=4", "data.sites=[colour_cast,gamma]",
-        "model.encoder=resnet18", "model.decoder_width=16", f"checkpoint={checkpoint}", "federation.rounds=2",
-        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"out_dir={tmp}/runs", "mlflow.overlays=1", *overrides])
-
-
-class RecordingGrid(InlineGrid):
-    """Keeps every reply a site sent, to audit exactly what left it."""
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.replies = []
-
-    def pull_messages(self, message_ids):
-        replies = list(super().pull_messages(message_ids))
-        self.replies += [r for r in replies if r.metadata.message_type == "train"]
-        return replies
-
-
-def run_tiny(tmp: Path, checkpoint: Path, *overrides: str) -> tuple[dict, RecordingGrid]:
-    cfg = tiny_config(tmp, checkpoint, *overrides)
-    grid = RecordingGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)])
-    return federate(grid, cfg, tmp), grid
+from tests.conftest import SIZE, RecordingGrid, run_tiny, tiny_config  # noqa: E402 - shared with test_faults
 
 
 def test_fed_stats_run_is_recorded_in_mlflow(tmp_path, checkpoint):

@@ -1,0 +1,124 @@
+"""Faults a federation meets: a site that dies, a site that sends garbage, unreadable images."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from client.client_app import app as client_app
+from server.federation import federate
+from tests.conftest import RecordingGrid, tiny_config
+
+
+class FaultyApp:
+    """The real ClientApp, except that `fault(pid, round, msg, context)` may replace a train reply."""
+
+    def __init__(self, fault) -> None:
+        self.fault = fault
+
+    def __call__(self, msg, context):
+        if msg.metadata.message_type == "train":
+            out = self.fault(int(context.node_config["partition-id"]), int(msg.content["config"]["round"]), msg, context)
+            if out is not None:
+                return out
+        return client_app(msg, context)
+
+
+def grid_for(app, sites: int = 2) -> RecordingGrid:
+    return RecordingGrid(app, [{"partition-id": i, "num-partitions": sites} for i in range(sites)])
+
+
+def child_runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("fedgrata")
+    return client, {r.data.tags["fedgrata.site"]: r for r in client.search_runs([exp.experiment_id])
+                    if "fedgrata.site" in r.data.tags}
+
+
+def test_a_site_that_dies_mid_round_rejoins_and_resumes(tmp_path, checkpoint):
+    def die(pid, rnd, msg, context):
+        if pid == 1 and rnd == 2:
+            raise RuntimeError("site process killed")
+
+    cfg = tiny_config(tmp_path, checkpoint, "federation.rounds=3", "data.synthetic_test=6")
+    result = federate(grid_for(FaultyApp(die)), cfg, tmp_path)
+    gamma, colour = result["sites"]["gamma"], result["sites"]["colour_cast"]
+    assert colour["rounds"] == 3 and colour["failures"] == 0 and colour["images"] == 6
+    assert gamma["rounds"] == 2 and gamma["failures"] == 1  # round 2 went on without it
+    assert gamma["images"] == 4  # rounds 1 and 3: it resumed from its saved state, round 2's chunk is lost
+    client, children = child_runs(tmp_path)
+    assert "site process killed" in children["gamma"].data.tags["fedgrata.failure.round2"]
+    assert [m.step for m in client.get_metric_history(children["gamma"].info.run_id, "reply_failed")] == [2]
+    assert [m.step for m in client.get_metric_history(children["gamma"].info.run_id, "dice_proxy")] == [1, 3]
+
+
+def corrupt(kind):
+    """A fault that lets site 1 compute its reply, then spoils it one way."""
+    def fault(pid, rnd, msg, context):
+        if pid != 1:
+            return None
+        reply = client_app(msg, context)
+        content = reply.content
+        if kind == "nan":
+            metrics = dict(content["metrics"])
+            metrics["dice_proxy"] = math.nan
+            content["metrics"] = MetricRecord(metrics)
+        elif kind == "inf_array":
+            arrays = content["affine"].to_torch_state_dict()
+            arrays["0.weight"][0] = math.inf
+            content["affine"] = ArrayRecord(arrays)
+        elif kind == "wrong_shape":
+            arrays = content["affine"].to_torch_state_dict()
+            arrays["0.weight"] = torch.ones(3)
+            content["affine"] = ArrayRecord(arrays)
+        elif kind == "unexpected_key":
+            content["images"] = ArrayRecord({"0.raw": torch.zeros(8)})
+        elif kind == "image_sized":
+            arrays = content["affine"].to_torch_state_dict()
+            arrays["0.weight"] = torch.zeros(32 * 32 * 3)
+            content["affine"] = ArrayRecord(arrays)
+        return Message(content, reply_to=msg)
+    return fault
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf_array", "wrong_shape", "unexpected_key", "image_sized"])
+def test_a_bad_reply_is_rejected_logged_and_never_aggregated(tmp_path, checkpoint, kind):
+    cfg = tiny_config(tmp_path, checkpoint, "federation=fed_affine")
+    grid = grid_for(FaultyApp(corrupt(kind)))
+    sent = []
+    push = grid.push_messages
+    grid.push_messages = lambda messages: push([sent.append(m) or m for m in messages])
+    result = federate(grid, cfg, tmp_path)
+    assert result["sites"]["gamma"]["failures"] == 2 and result["sites"]["colour_cast"]["failures"] == 0
+    # round 2's average is colour_cast's own round-1 parameters: nothing of gamma's went in
+    honest = [r for r in grid.replies if r.metadata.src_node_id == 100 and r.metadata.group_id == "1"][0]
+    round2 = [m for m in sent if m.metadata.message_type == "train" and m.metadata.group_id == "2"]
+    assert round2 and all("affine" in m.content for m in round2)
+    averaged = round2[0].content["affine"].to_torch_state_dict()
+    for key, value in honest.content["affine"].to_torch_state_dict().items():
+        assert torch.equal(averaged[key], value), key
+    _, children = child_runs(tmp_path)
+    assert {"fedgrata.failure.round1", "fedgrata.failure.round2"} <= set(children["gamma"].data.tags)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, checkpoint):
+    folder = tmp_path / "site_images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "img9.png").write_bytes(b"not a png at all")
+    cfg = tiny_config(tmp_path, checkpoint, "data.on_error=skip", "federation.rounds=1", "data.sites=[partner]")
+    node = {"data-root": str(folder), "data-kind": "folder", "site": "partner", "state-dir": str(tmp_path / "state")}
+    grid = RecordingGrid(client_app, [node])
+    result = federate(grid, cfg, tmp_path)
+    metrics = dict(grid.replies[0].content["metrics"])
+    assert metrics["images"] == 4 and metrics["skipped"] == 1
+    assert result["sites"]["partner"]["images"] == 4
+    assert "dice_mean" not in metrics  # an unlabelled partner site: no Dice, only the proxy
+    assert (tmp_path / "state" / "site.pt").is_file()  # its state lives where its node config says
