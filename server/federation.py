@@ -91,7 +91,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
               f"-> noise multiplier {sigma:.3f}, clip {cfg.privacy.clip}")
 
     config = resolved(cfg)
-    tracker = Tracker(cfg.mlflow, base, variant.value, config, sorted(names.values()))
+    tracker = Tracker(cfg.mlflow, base, variant.value, config, sorted(names.values()), run_dir / "mlflow_offline.jsonl")
     coord = Coordinator(cfg.federation, source_refs(model))
     needs_model = {nid for nid, s in sites.items() if not s["has_model"]}
     status = "FAILED"
@@ -174,7 +174,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                 tracker.log_artifact(png, site=name, folder="overlays")
         tracker.finish(status)
     return {"variant": variant.value, "sites": summary, "timing": timing, "run_dir": str(run_dir),
-            "mlflow": {"uri": tracker.uri, "parent_run_id": tracker.parent}}
+            "mlflow": {"uri": tracker.uri, "parent_run_id": tracker.parent, "offline": tracker.offline}}
 
 
 __all__ = ["federate", "source_refs", "wait_for_nodes"]

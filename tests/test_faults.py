@@ -1,7 +1,9 @@
 """Faults a federation meets: a site that dies, a site that sends garbage, unreadable images."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +124,18 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, checkpoint):
     assert result["sites"]["partner"]["images"] == 4
     assert "dice_mean" not in metrics  # an unlabelled partner site: no Dice, only the proxy
     assert (tmp_path / "state" / "site.pt").is_file()  # its state lives where its node config says
+
+
+def test_an_unreachable_mlflow_does_not_stop_the_federation(tmp_path, checkpoint, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    cfg = tiny_config(tmp_path, checkpoint, "mlflow.tracking_uri=http://127.0.0.1:9")  # nothing listens there
+    with pytest.warns(RuntimeWarning, match="127.0.0.1:9"):
+        result = federate(grid_for(client_app), cfg, tmp_path)
+    assert result["mlflow"]["offline"] and result["mlflow"]["parent_run_id"] is None
+    assert result["sites"]["gamma"]["rounds"] == 2  # the federation went on
+    journal = [json.loads(line) for line in (Path(result["run_dir"]) / "mlflow_offline.jsonl").read_text().splitlines()]
+    rounds = [r for r in journal if r["kind"] == "metrics" and r["site"] == "gamma"]
+    assert [r["step"] for r in rounds] == [1, 2] and "dice_proxy" in rounds[0]["metrics"]
+    assert journal[0]["kind"] == "start" and journal[-1] == {**journal[-1], "kind": "finish", "status": "FINISHED"}
+    assert "unreachable" in capsys.readouterr().out
