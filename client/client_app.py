@@ -7,12 +7,16 @@ Node config (deployment, `flower-supernode --node-config`):
   domain      fundus: which domain's CSV
   state-dir   where the site keeps its state between rounds and processes
   checkpoint  optional: a local copy of the source model (else the coordinator sends it once)
+  max-epsilon optional: the site's own privacy budget; the coordinator's configuration cannot raise it
 In simulation, partition-id picks the site from the configured list and the state lives under the
 coordinator's state root.
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +29,24 @@ from grata.config import DataConfig, open_domain
 from grata.models import ModelConfig, ResUNet, save_checkpoint
 
 app = ClientApp()
+PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\":,;)]+")
+
+
+def redact(text: str) -> str:
+    """An error the coordinator may see: the site's file paths are replaced (they stay in the site's log)."""
+    return PATH.sub("<path>", text)
+
+
+def site_errors(handler):
+    """Run a handler; on failure the site's log keeps the full error, the coordinator gets it without paths."""
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            traceback.print_exc()
+            raise RuntimeError(redact(f"{type(exc).__name__}: {exc}")) from None
+    return wrapped
 
 
 def site_identity(context: Context, cfg: SiteConfig) -> tuple[str, object, Path]:
@@ -65,6 +87,7 @@ def _setup(msg: Message, context: Context) -> tuple[SiteConfig, str, object, Pat
 
 
 @app.query()
+@site_errors
 def query(msg: Message, context: Context) -> Message:
     """Introduce the site: its name, its image count, whether it holds labels and the source model."""
     cfg, name, dataset, state_dir, config = _setup(msg, context)
@@ -75,6 +98,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@site_errors
 def train(msg: Message, context: Context) -> Message:
     """Adapt over this round's chunk and reply with what the variant allows."""
     cfg, name, dataset, state_dir, config = _setup(msg, context)
@@ -85,7 +109,8 @@ def train(msg: Message, context: Context) -> Message:
     model_path = find_model(state_dir, context, config)
     if model_path is None:
         raise RuntimeError(f"site {name}: no source model matching digest {config['model_digest'][:12]}")
-    site = Site(name, dataset, state_dir, cfg, model_path)
+    cap = context.node_config.get("max-epsilon")
+    site = Site(name, dataset, state_dir, cfg, model_path, max_epsilon=float(cap) if cap is not None else None)
     if bool(config.get("reset", False)):
         site.reset_to_source()
     if "pooled" in msg.content:

@@ -82,7 +82,7 @@ def audit(content: RecordDict, variant: str) -> list[dict[str, Any]]:
 # --- site outputs <-> records ----------------------------------------------------------------------
 def reply_content(name: str, out: dict[str, Any]) -> RecordDict:
     """A Site.run_round result as the records listed above."""
-    content = RecordDict({"site": ConfigRecord({"name": name, "status": "ok"}),
+    content = RecordDict({"site": ConfigRecord({"name": name, "status": out.get("status", "ok")}),
                           "metrics": MetricRecord({k: v for k, v in out["metrics"].items()})})
     if "privacy" in out:
         content["privacy"] = MetricRecord(out["privacy"])

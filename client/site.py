@@ -95,7 +95,9 @@ class SiteState:
 class Site:
     """A site named `name` adapting over `dataset` with its state in `state_dir`."""
 
-    def __init__(self, name: str, dataset, state_dir: Path, cfg: SiteConfig, model_path: Path) -> None:
+    def __init__(self, name: str, dataset, state_dir: Path, cfg: SiteConfig, model_path: Path,
+                 max_epsilon: float | None = None) -> None:
+        """max_epsilon: the site's own privacy budget (node config); the coordinator's cannot raise it."""
         self.name, self.dataset, self.cfg = name, dataset, cfg
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -108,8 +110,9 @@ class Site:
             self.adapter.load_state_dict(self.state.adapter)
         self.private = None
         if cfg.variant == "fed_stats":
+            budget = cfg.epsilon if max_epsilon is None else min(cfg.epsilon, max_epsilon)
             self.private = PrivateMoments(source_moments(self.adapter.norms), cfg.clip, cfg.noise_multiplier,
-                                          cfg.epsilon, cfg.delta, cfg.accountant, list(self.state.privacy_history))
+                                          budget, cfg.delta, cfg.accountant, list(self.state.privacy_history))
         # The privacy noise must be unknown to the coordinator (it could otherwise regenerate and subtract
         # it), so it is drawn from the OS's entropy, never from the configuration's seed.
         self.noise = torch.Generator().manual_seed(secrets.randbits(63))
@@ -200,6 +203,10 @@ class Site:
                               "dp_noise_std": self.private.noise_std, "dp_released": float(released is not None)}
             if released is not None:
                 out["stats"], out["metrics"]["stats_images"] = released
+            elif proxies:  # the budget is spent: the site keeps adapting and says why it releases nothing
+                out["status"] = "budget_exhausted"
+                print(f"site {self.name}: privacy budget epsilon {self.private.epsilon:g} would be exceeded; "
+                      f"no statistics released from round {rnd} on", flush=True)
         if self.cfg.variant == "fed_affine":
             out["affine"] = [(n.weight.detach().clone(), n.bias.detach().clone()) for n in self.adapter.norms]
         self.state.last_round = rnd

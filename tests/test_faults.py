@@ -139,3 +139,41 @@ def test_an_unreachable_mlflow_does_not_stop_the_federation(tmp_path, checkpoint
     assert [r["step"] for r in rounds] == [1, 2] and "dice_proxy" in rounds[0]["metrics"]
     assert journal[0]["kind"] == "start" and journal[-1] == {**journal[-1], "kind": "finish", "status": "FINISHED"}
     assert "unreachable" in capsys.readouterr().out
+
+
+def test_a_site_stops_releasing_when_its_own_budget_is_spent(tmp_path, checkpoint):
+    from grata.privacy import calibrate
+    from opacus.accountants import RDPAccountant
+
+    sigma = calibrate(8.0, 1e-5, releases=3)
+    acc = RDPAccountant()
+    spent = []
+    for _ in range(3):
+        acc.step(noise_multiplier=sigma, sample_rate=1.0)
+        spent.append(acc.get_epsilon(1e-5))
+    cap = (spent[1] + spent[2]) / 2  # room for two releases, not three
+    cfg = tiny_config(tmp_path, checkpoint, "federation=fed_stats", "federation.rounds=3", "data.synthetic_test=6")
+    nodes = [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2, "max-epsilon": cap}]
+    grid = RecordingGrid(client_app, nodes)
+    federate(grid, cfg, tmp_path)
+    capped = sorted((r for r in grid.replies if r.metadata.src_node_id == 101), key=lambda r: int(r.metadata.group_id))
+    assert [("stats" in r.content) for r in capped] == [True, True, False]
+    assert capped[2].content["site"]["status"] == "budget_exhausted"
+    assert capped[2].content["privacy"]["dp_released"] == 0.0
+    assert max(r.content["privacy"]["dp_epsilon"] for r in capped) <= cap
+    other = [r for r in grid.replies if r.metadata.src_node_id == 100]
+    assert all("stats" in r.content for r in other)  # the coordinator's budget (8) still holds for the other site
+
+
+def test_a_site_error_reaches_the_coordinator_without_the_site_paths(tmp_path, checkpoint, capsys):
+    missing = tmp_path / "secret_ward_7" / "images"
+    cfg = tiny_config(tmp_path, checkpoint, "data.sites=[partner]")
+    grid = RecordingGrid(client_app, [{"data-root": str(missing), "data-kind": "folder", "site": "partner",
+                                       "state-dir": str(tmp_path / "state")}])
+    with pytest.raises(RuntimeError, match="only 0 of 1 sites answered"):
+        federate(grid, cfg, tmp_path)
+    out = capsys.readouterr()
+    coordinator_view = [line for line in out.out.splitlines() if "could not introduce itself" in line]
+    assert coordinator_view and "<path>" in coordinator_view[0]
+    assert "secret_ward_7" not in coordinator_view[0] and str(tmp_path) not in coordinator_view[0]
+    assert "secret_ward_7" in out.err  # the site's own log keeps the full error
