@@ -7,6 +7,7 @@ becomes an error reply, as Flower's runtime makes it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -50,18 +51,26 @@ class InlineGrid(Grid):
             ids.append(msg.metadata.message_id)
         return ids
 
+    def _handle(self, msg: Message) -> Message:
+        try:
+            return self.app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as exc:  # noqa: BLE001 - what Flower's runtime does: an error reply
+            return Message(Error(CLIENT_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = []
-        for mid in message_ids:
-            msg = self._pending.pop(mid)
-            try:
-                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
-            except Exception as exc:  # noqa: BLE001 - what Flower's runtime does: an error reply
-                replies.append(Message(Error(CLIENT_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return replies
+        return [self._handle(self._pending.pop(mid)) for mid in message_ids]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Without a timeout the nodes run one after another; with one, side by side in threads, and the
+        replies not back in time are left out (as a SuperLink leaves out a stalled node's)."""
+        ids = list(self.push_messages(messages))
+        if timeout is None:
+            return self.pull_messages(ids)
+        pool = ThreadPoolExecutor(max_workers=max(1, len(ids)))
+        futures = [pool.submit(self._handle, self._pending.pop(mid)) for mid in ids]
+        done, _ = wait(futures, timeout=timeout)
+        pool.shutdown(wait=False)
+        return [f.result() for f in futures if f in done]
 
 
 __all__ = ["InlineGrid"]

@@ -177,3 +177,30 @@ def test_a_site_error_reaches_the_coordinator_without_the_site_paths(tmp_path, c
     assert coordinator_view and "<path>" in coordinator_view[0]
     assert "secret_ward_7" not in coordinator_view[0] and str(tmp_path) not in coordinator_view[0]
     assert "secret_ward_7" in out.err  # the site's own log keeps the full error
+
+
+def test_a_stalled_site_is_bounded_by_the_round_timeout(tmp_path, checkpoint):
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def stall(pid, rnd, msg, context):
+        if pid == 1 and rnd == 2:
+            release.wait(30)  # hangs until the test lets it go
+            return Message(msg.content, reply_to=msg)
+        return None
+
+    cfg = tiny_config(tmp_path, checkpoint, "federation.rounds=3", "data.synthetic_test=6",
+                      "federation.round_timeout_s=6")
+    t0 = time.perf_counter()
+    try:
+        result = federate(grid_for(FaultyApp(stall)), cfg, tmp_path)
+    finally:
+        release.set()
+    assert result["sites"]["colour_cast"]["rounds"] == 3
+    gamma = result["sites"]["gamma"]
+    assert gamma["rounds"] == 2 and gamma["failures"] == 1  # round 2 went on without it; it came back in round 3
+    _, children = child_runs(tmp_path)
+    assert "timeout" in children["gamma"].data.tags["fedgrata.failure.round2"]
+    assert time.perf_counter() - t0 < 120
