@@ -204,3 +204,49 @@ def test_a_stalled_site_is_bounded_by_the_round_timeout(tmp_path, checkpoint):
     _, children = child_runs(tmp_path)
     assert "timeout" in children["gamma"].data.tags["fedgrata.failure.round2"]
     assert time.perf_counter() - t0 < 120
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_mlflow_server_receives_the_run_over_http(tmp_path, checkpoint):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                               "--artifacts-destination", str(tmp_path / "server_artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+        uri = f"http://127.0.0.1:{port}"
+        cfg = tiny_config(tmp_path, checkpoint, f"mlflow.tracking_uri={uri}", "mlflow.overlays=0")
+        result = federate(grid_for(client_app), cfg, tmp_path)
+        assert result["mlflow"]["offline"] is None
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
+        assert len(runs) == 3 and {r.data.tags.get("fedgrata.site") for r in runs} == {None, "colour_cast", "gamma"}
+        child = next(r for r in runs if r.data.tags.get("fedgrata.site") == "gamma")
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "dice_mean")] == [1, 2]
+        parent = next(r for r in runs if "fedgrata.site" not in r.data.tags)
+        assert "sites.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}  # artifacts over HTTP too
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
