@@ -90,6 +90,7 @@ class SiteState:
     last_round: int = 0
     privacy_history: list = field(default_factory=list)
     resets: int = 0
+    last_reply: dict[str, Any] | None = None  # resent unchanged if the coordinator asks for that round again
 
 
 class Site:
@@ -161,6 +162,8 @@ class Site:
     # --- the round ---------------------------------------------------------------------------------
     def run_round(self, rnd: int, progress=None) -> dict[str, Any]:
         """Adapt over this round's chunk; returns metrics, and per variant stats or affine tensors."""
+        if rnd == self.state.last_round and self.state.last_reply is not None:
+            return self.state.last_reply  # a resumed coordinator asks again: the same answer, no new privacy cost
         if rnd <= self.state.last_round:
             raise RuntimeError(f"site {self.name}: round {rnd} was already done (state at round {self.state.last_round})")
         torch.set_num_threads(max(1, self.cfg.threads))
@@ -209,7 +212,7 @@ class Site:
                       f"no statistics released from round {rnd} on", flush=True)
         if self.cfg.variant == "fed_affine":
             out["affine"] = [(n.weight.detach().clone(), n.bias.detach().clone()) for n in self.adapter.norms]
-        self.state.last_round = rnd
+        self.state.last_round, self.state.last_reply = rnd, out
         self.save()
         return out
 

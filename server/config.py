@@ -90,6 +90,7 @@ class FederateConfig:
     engine: str = "flower"  # flower: Flower's simulation engine; inline: one process, sites in turn
     variants: list[str] = field(default_factory=lambda: [v.value for v in Variant])  # simulations.compare
     out_dir: str = "runs/federate"
+    resume: str = ""  # simulations.run: the folder of an interrupted run to continue, same configuration
 
     def __post_init__(self) -> None:
         if self.engine not in ("flower", "inline"):

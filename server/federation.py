@@ -50,8 +50,29 @@ def _ask(grid: Grid, contents: dict[int, RecordDict], kind: str, rnd: int, timeo
     return {r.metadata.src_node_id: r for r in replies}
 
 
-def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None = None) -> dict[str, Any]:
-    """Run cfg.federation.variant over the grid's nodes; returns the per-site summary and timings."""
+def save_progress(run_dir: Path, rnd: int, coord: Coordinator, tracker: Tracker, config: dict) -> None:
+    """After every round, atomically: what a resumed coordinator needs to go on from round rnd + 1."""
+    tmp = run_dir / "coordinator.pt.tmp"
+    torch.save({"round": rnd, "coordinator": coord, "config": config,
+                "mlflow": (tracker.parent, tracker.children)}, tmp)
+    tmp.replace(run_dir / "coordinator.pt")
+
+
+def load_progress(run_dir: Path, config: dict) -> dict[str, Any]:
+    path = run_dir / "coordinator.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: {path} does not exist (no finished round to resume from)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    strip = lambda c: {k: v for k, v in c.items() if k != "resume"}  # noqa: E731
+    if strip(state["config"]) != strip(config):
+        raise ValueError(f"resume: {run_dir} was run with another configuration; resume it with the same overrides")
+    return state
+
+
+def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None = None,
+             resume: bool = False) -> dict[str, Any]:
+    """Run cfg.federation.variant over the grid's nodes; returns the per-site summary and timings.
+    resume=True continues the interrupted run in `run_dir` after its last finished round."""
     t_start = time.perf_counter()
     variant = cfg.federation.variant
     checkpoint = ensure_source(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train,
@@ -71,6 +92,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                           epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
                           state_root=str((run_dir / "sites").resolve()))
     common = {"site_config": json.dumps(asdict(site_cfg)), "model_digest": digest, "model_hint": str(checkpoint.resolve())}
+    config = resolved(cfg)
+    progress = load_progress(run_dir, config) if resume else None  # fail before any site is asked
 
     nodes = wait_for_nodes(grid, len(cfg.data.sites))
     intro = _ask(grid, {n: RecordDict({"config": ConfigRecord(common)}) for n in nodes}, "query", 0,
@@ -90,13 +113,16 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
         print(f"  privacy: epsilon {cfg.privacy.epsilon}, delta {cfg.privacy.delta} over {rounds} releases "
               f"-> noise multiplier {sigma:.3f}, clip {cfg.privacy.clip}")
 
-    config = resolved(cfg)
-    tracker = Tracker(cfg.mlflow, base, variant.value, config, sorted(names.values()), run_dir / "mlflow_offline.jsonl")
-    coord = Coordinator(cfg.federation, source_refs(model))
+    tracker = Tracker(cfg.mlflow, base, variant.value, config, sorted(names.values()), run_dir / "mlflow_offline.jsonl",
+                      runs=progress["mlflow"] if progress else None)
+    coord = progress["coordinator"] if progress else Coordinator(cfg.federation, source_refs(model))
+    first = progress["round"] + 1 if progress else 1
+    if progress:
+        print(f"  resuming {run_dir.name} after round {progress['round']}")
     needs_model = {nid for nid, s in sites.items() if not s["has_model"]}
     status = "FAILED"
     try:
-        for rnd in range(1, rounds + 1):
+        for rnd in range(first, rounds + 1):
             t0 = time.perf_counter()
             contents, resets = {}, {}
             for nid, name in names.items():
@@ -157,6 +183,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
             if coord.pooled_kept:
                 means["dp_signal_kept"] = sum(coord.pooled_kept) / len(coord.pooled_kept)
             tracker.log_round(rnd, {**per_site, **failed}, means)
+            save_progress(run_dir, rnd, coord, tracker, config)
             print(f"  round {rnd}/{rounds} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
                 f"{n} proxy {m.get('dice_proxy', float('nan')):.1f}"
                 + (f" dice {m['dice_mean']:.1f}" if "dice_mean" in m else "")

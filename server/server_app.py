@@ -16,13 +16,14 @@ from server.config import FederateConfig, load_config
 from server.federation import federate
 
 
-def make_server_app(cfg: FederateConfig, base: Path, run_dir: Path | None = None, results: list | None = None) -> ServerApp:
+def make_server_app(cfg: FederateConfig, base: Path, run_dir: Path | None = None, results: list | None = None,
+                    resume: bool = False) -> ServerApp:
     """A ServerApp bound to an already composed configuration (the Python simulation entry points)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        out = federate(grid, cfg, base, run_dir)
+        out = federate(grid, cfg, base, run_dir, resume)
         if results is not None:
             results.append(out)
 
@@ -36,4 +37,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(context.run_config.get("overrides", "")))
     base = Path(str(context.run_config.get("base-dir", "")) or os.getcwd())
-    federate(grid, cfg, base)
+    run_dir = (Path(cfg.resume) if Path(cfg.resume).is_absolute() else base / cfg.resume) if cfg.resume else None
+    federate(grid, cfg, base, run_dir, resume=bool(cfg.resume))

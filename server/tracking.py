@@ -45,13 +45,19 @@ class Tracker:
     lines: params, metrics per run and round, tags, artifact paths) beside the run's own CSVs."""
 
     def __init__(self, cfg: MlflowConfig, base: Path, variant: str, config: dict[str, Any], sites: list[str],
-                 journal: Path) -> None:
+                 journal: Path, runs: tuple[str, dict[str, str]] | None = None) -> None:
+        """runs: (parent id, {site: child id}) of an interrupted federation to continue in."""
         # a dead server must cost seconds, not MLflow's default minutes of retries, per call
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri, self.journal, self.offline = tracking_uri(cfg, base), Path(journal), None
         self.client = MlflowClient(self.uri)
         self.parent, self.children = None, {}
+        if runs is not None:
+            self.parent, self.children = runs[0], dict(runs[1])
+            self._do({"kind": "resume", "parent": self.parent},
+                     lambda: [self.client.update_run(r, "RUNNING") for r in [self.parent, *self.children.values()] if r])
+            return
         record = {"kind": "start", "variant": variant, "sites": sites, "params": flatten(config)}
         self._do(record, lambda: self._open(cfg, variant, config, sites))
 

@@ -35,17 +35,19 @@ def quiet() -> None:
 
 def simulate(cfg: FederateConfig, base: Path, run_dir: Path | None = None) -> dict:
     """Run cfg.federation.variant across len(cfg.data.sites) simulated sites; returns federate's result."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume) if Path(cfg.resume).is_absolute() else base / cfg.resume
     ensure_source(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=cfg.checkpoint), base)
     n = len(cfg.data.sites)
     if cfg.engine == "inline":
         grid = InlineGrid(client_app, [{"partition-id": i, "num-partitions": n} for i in range(n)])
-        return federate(grid, cfg, base, run_dir)
+        return federate(grid, cfg, base, run_dir, resume=bool(cfg.resume))
     from flwr.simulation import run_simulation  # the engine (Ray) only when it is used
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     results: list[dict] = []
     cpus = max(1, min(n * cfg.threads, os.cpu_count() or 1))
-    run_simulation(server_app=make_server_app(cfg, base, run_dir, results), client_app=client_app, num_supernodes=n,
+    run_simulation(server_app=make_server_app(cfg, base, run_dir, results, resume=bool(cfg.resume)), client_app=client_app, num_supernodes=n,
                    backend_config={"client_resources": {"num_cpus": cfg.threads, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR",
                                                  "log_to_driver": True}})

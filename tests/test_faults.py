@@ -250,3 +250,39 @@ def test_a_real_mlflow_server_receives_the_run_over_http(tmp_path, checkpoint):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_an_interrupted_run_resumes_without_losing_finished_rounds(tmp_path, checkpoint):
+    cfg = tiny_config(tmp_path, checkpoint, "federation=fed_stats", "federation.rounds=3", "data.synthetic_test=6")
+    run_dir = tmp_path / "runs" / "interrupted"
+    grid = grid_for(client_app)
+    push = grid.push_messages
+
+    def crash_in_round_3(messages):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" and m.metadata.group_id == "3" for m in messages):
+            raise KeyboardInterrupt  # the coordinator's process is stopped
+        return push(messages)
+
+    grid.push_messages = crash_in_round_3
+    with pytest.raises(KeyboardInterrupt):
+        federate(grid, cfg, tmp_path, run_dir)
+    again = grid_for(client_app)  # a new coordinator process, new node ids
+    result = federate(again, load_config_like(cfg, f"resume={run_dir}"), tmp_path, run_dir, resume=True)
+    assert sorted(int(r.metadata.group_id) for r in again.replies) == [3, 3]  # only the unfinished round ran
+    assert all(site["rounds"] == 3 and site["images"] == 6 for site in result["sites"].values())
+    client, children = child_runs(tmp_path)
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
+               if "fedgrata.site" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same MLflow runs went on
+    eps = client.get_metric_history(children["gamma"].info.run_id, "dp_epsilon")
+    assert [m.step for m in eps] == [1, 2, 3] and eps[-1].value <= 8.0
+    with pytest.raises(ValueError, match="another configuration"):
+        federate(grid_for(client_app), load_config_like(cfg, "federation.rounds=4"), tmp_path, run_dir, resume=True)
+
+
+def load_config_like(cfg, *extra):
+    """The tiny test configuration with more overrides (as a user reruns with `resume=...`)."""
+    tmp = Path(cfg.out_dir).parent
+    return tiny_config(tmp, Path(cfg.checkpoint), "federation=fed_stats", "federation.rounds=3",
+                       "data.synthetic_test=6", *extra)

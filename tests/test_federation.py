@@ -97,8 +97,10 @@ def test_site_state_survives_a_new_process(tmp_path, checkpoint):
             assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-6)
         assert a["privacy"]["dp_epsilon"] == pytest.approx(b["privacy"]["dp_epsilon"])  # the accountant persisted
         assert a["metrics"]["stats_images"] == b["metrics"]["stats_images"] == 2
+    again = Site("gamma", dataset, tmp_path / "b", site_cfg, checkpoint).run_round(2)  # asked again: same answer
+    assert again["metrics"] == out_fresh[1]["metrics"] and all(torch.equal(x, y) for x, y in zip(again["stats"], out_fresh[1]["stats"]))
     with pytest.raises(RuntimeError, match="already done"):
-        Site("gamma", dataset, tmp_path / "b", site_cfg, checkpoint).run_round(2)
+        Site("gamma", dataset, tmp_path / "b", site_cfg, checkpoint).run_round(1)
 
 
 def test_reset_order_returns_the_site_to_the_source_model(tmp_path, checkpoint):
