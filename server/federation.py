@@ -52,6 +52,7 @@ def _ask(grid: Grid, contents: dict[int, RecordDict], kind: str, rnd: int, timeo
 
 def save_progress(run_dir: Path, rnd: int, coord: Coordinator, tracker: Tracker, config: dict) -> None:
     """After every round, atomically: what a resumed coordinator needs to go on from round rnd + 1."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "coordinator.pt.tmp"
     torch.save({"round": rnd, "coordinator": coord, "config": config,
                 "mlflow": (tracker.parent, tracker.children)}, tmp)
