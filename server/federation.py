@@ -70,6 +70,65 @@ def load_progress(run_dir: Path, config: dict) -> dict[str, Any]:
     return state
 
 
+def introduce(grid: Grid, cfg: FederateConfig, common: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Ask every node who it is (name, image count, labels, whether it holds the source model)."""
+    nodes = wait_for_nodes(grid, len(cfg.data.sites))
+    intro = _ask(grid, {n: RecordDict({"config": ConfigRecord(common)}) for n in nodes}, "query", 0,
+                 cfg.federation.round_timeout_s)
+    sites: dict[int, dict[str, Any]] = {}
+    for nid, reply in intro.items():
+        if reply.has_error():
+            print(f"node {nid} could not introduce itself: {reply.error.reason}")
+            continue
+        sites[nid] = dict(reply.content["site"])
+    if len(sites) < cfg.federation.min_sites:
+        raise RuntimeError(f"only {len(sites)} of {len(nodes)} sites answered; federation.min_sites={cfg.federation.min_sites}")
+    return sites
+
+
+def round_content(rnd: int, common: dict[str, Any], coord: Coordinator, cfg: FederateConfig, reset: bool,
+                  source: tuple[torch.nn.Module, dict] | None) -> RecordDict:
+    """What one site gets this round: the configuration, a reset order, and per variant the pooled
+    statistics or averaged affine parameters; `source` (model, metadata) when it lacks the model."""
+    rec = {**common, "round": rnd, "reset": reset, "pooled_weight": cfg.federation.pooled_weight}
+    content = RecordDict()
+    if source is not None:
+        model, meta = source
+        rec.update(model_config=json.dumps(asdict(model.config)), shift_reference=float(meta["shift_reference"]))
+        content["model"] = ArrayRecord(model.state_dict())
+    if coord.pooled is not None:
+        content["pooled"] = layer_record(coord.pooled, ("m1", "m2"))
+        # each layer's share shrinks with the signal that survived the privacy noise: noise-only
+        # statistics are not mixed in (they would pull every site towards the source's)
+        rec["pooled_weights"] = [cfg.federation.pooled_weight * k for k in coord.pooled_kept]
+    if coord.affine is not None and not reset:
+        content["affine"] = layer_record(coord.affine, ("weight", "bias"))
+    content["config"] = ConfigRecord(rec)
+    return content
+
+
+def accept(reply: Message | None, variant: Variant, coord: Coordinator):
+    """Audit a reply and parse it: (metrics, stats release or None, affine layers or None).
+    Raises ReplyRejected or ValueError on anything that must not be used; nothing is aggregated here."""
+    if reply is None:
+        raise ReplyRejected("no reply within the round timeout")
+    if reply.has_error():
+        raise ReplyRejected(f"site error: {reply.error.reason}")
+    audit(reply.content, variant.value)
+    metrics = dict(reply.content["metrics"])
+    if "privacy" in reply.content:
+        metrics.update(reply.content["privacy"])
+    release = None
+    if "stats" in reply.content:
+        release = ([s[0] for s in layer_tensors(reply.content["stats"], ("sum",))],
+                   int(metrics["stats_images"]), float(metrics["dp_noise_std"]))
+        coord.check_release(*release)
+    layers = layer_tensors(reply.content["affine"], ("weight", "bias")) if "affine" in reply.content else None
+    if layers is not None:
+        coord.check_affine(layers)
+    return metrics, release, layers
+
+
 def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None = None,
              resume: bool = False) -> dict[str, Any]:
     """Run cfg.federation.variant over the grid's nodes; returns the per-site summary and timings.
@@ -96,17 +155,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     config = resolved(cfg)
     progress = load_progress(run_dir, config) if resume else None  # fail before any site is asked
 
-    nodes = wait_for_nodes(grid, len(cfg.data.sites))
-    intro = _ask(grid, {n: RecordDict({"config": ConfigRecord(common)}) for n in nodes}, "query", 0,
-                 cfg.federation.round_timeout_s)
-    sites: dict[int, dict[str, Any]] = {}
-    for nid, reply in intro.items():
-        if reply.has_error():
-            print(f"node {nid} could not introduce itself: {reply.error.reason}")
-            continue
-        sites[nid] = dict(reply.content["site"])
-    if len(sites) < cfg.federation.min_sites:
-        raise RuntimeError(f"only {len(sites)} of {len(nodes)} sites answered; federation.min_sites={cfg.federation.min_sites}")
+    sites = introduce(grid, cfg, common)
     names = {nid: str(s["name"]) for nid, s in sites.items()}
     print(f"{variant.value}: {len(sites)} sites: " + ", ".join(
         f"{s['name']} ({s['images_total']} images{', labelled' if s['labelled'] else ''})" for s in sites.values()))
@@ -125,44 +174,16 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     try:
         for rnd in range(first, rounds + 1):
             t0 = time.perf_counter()
-            contents, resets = {}, {}
-            for nid, name in names.items():
-                resets[name] = coord.take_reset(name)
-                rec = {**common, "round": rnd, "reset": resets[name], "pooled_weight": cfg.federation.pooled_weight}
-                content = RecordDict()
-                if nid in needs_model:
-                    rec.update(model_config=json.dumps(asdict(model.config)), shift_reference=float(meta["shift_reference"]))
-                    content["model"] = ArrayRecord(model.state_dict())
-                if coord.pooled is not None:
-                    content["pooled"] = layer_record(coord.pooled, ("m1", "m2"))
-                    # each layer's share shrinks with the signal that survived the privacy noise: noise-only
-                    # statistics are not mixed in (they would pull every site towards the source's)
-                    rec["pooled_weights"] = [cfg.federation.pooled_weight * k for k in coord.pooled_kept]
-                if coord.affine is not None and not resets[name]:
-                    content["affine"] = layer_record(coord.affine, ("weight", "bias"))
-                content["config"] = ConfigRecord(rec)
-                contents[nid] = content
+            resets = {name: coord.take_reset(name) for name in names.values()}
+            contents = {nid: round_content(rnd, common, coord, cfg, resets[name],
+                                           (model, meta) if nid in needs_model else None)
+                        for nid, name in names.items()}
             replies = _ask(grid, contents, "train", rnd, cfg.federation.round_timeout_s)
             per_site, affine, failed = {}, {}, {}
             for nid, name in names.items():
                 reply = replies.get(nid)
                 try:
-                    if reply is None:
-                        raise ReplyRejected("no reply within the round timeout")
-                    if reply.has_error():
-                        raise ReplyRejected(f"site error: {reply.error.reason}")
-                    audit(reply.content, variant.value)
-                    metrics = dict(reply.content["metrics"])
-                    if "privacy" in reply.content:
-                        metrics.update(reply.content["privacy"])
-                    release = None
-                    if "stats" in reply.content:
-                        release = ([s[0] for s in layer_tensors(reply.content["stats"], ("sum",))],
-                                   int(metrics["stats_images"]), float(metrics["dp_noise_std"]))
-                        coord.check_release(*release)
-                    layers = layer_tensors(reply.content["affine"], ("weight", "bias")) if "affine" in reply.content else None
-                    if layers is not None:
-                        coord.check_affine(layers)
+                    metrics, release, layers = accept(reply, variant, coord)
                 except (ReplyRejected, ValueError, KeyError) as exc:  # recorded, logged, never aggregated
                     coord.record_failure(name, rnd)
                     print(f"  round {rnd}: {name}: reply not used: {exc}")
@@ -205,4 +226,4 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
             "mlflow": {"uri": tracker.uri, "parent_run_id": tracker.parent, "offline": tracker.offline}}
 
 
-__all__ = ["federate", "source_refs", "wait_for_nodes"]
+__all__ = ["accept", "federate", "introduce", "round_content", "source_refs", "wait_for_nodes"]
