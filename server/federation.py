@@ -64,7 +64,7 @@ def load_progress(run_dir: Path, config: dict) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"resume: {path} does not exist (no finished round to resume from)")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    strip = lambda c: {k: v for k, v in c.items() if k != "resume"}  # noqa: E731
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("resume", "engine")}  # noqa: E731 - how, not what
     if strip(state["config"]) != strip(config):
         raise ValueError(f"resume: {run_dir} was run with another configuration; resume it with the same overrides")
     return state
@@ -168,7 +168,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     coord = progress["coordinator"] if progress else Coordinator(cfg.federation, source_refs(model))
     first = progress["round"] + 1 if progress else 1
     if progress:
-        print(f"  resuming {run_dir.name} after round {progress['round']}")
+        print(f"  resuming {run_dir.name} after round {progress['round']} of {rounds}"
+              + (": every round is done, only the report is rewritten" if first > rounds else ""))
     needs_model = {nid for nid, s in sites.items() if not s["has_model"]}
     status = "FAILED"
     try:
