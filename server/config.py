@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from grata.config import DataConfig, MethodConfig, TrainConfig
-from grata.models import ModelConfig
+from grata.config import MethodConfig
 from grata.privacy import ACCOUNTANTS
+from grata.train_source import TrainSourceConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -76,11 +76,7 @@ class MlflowConfig:
 
 
 @dataclass
-class FederateConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)  # trains the source model on first use
-    checkpoint: str = ""
+class FederateConfig(TrainSourceConfig):  # data, model, train, checkpoint: the source model, trained on first use
     method: MethodConfig = field(default_factory=MethodConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)

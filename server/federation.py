@@ -21,7 +21,7 @@ from client.protocol import ReplyRejected, audit, layer_record, layer_tensors
 from client.site import SiteConfig, load_source
 from grata.config import resolve_root
 from grata.privacy import calibrate
-from grata.train_source import TrainSourceConfig, ensure_source
+from grata.train_source import ensure_source
 from server.config import FederateConfig, Variant, resolved
 from server.coordinator import Coordinator
 from server.report import site_summary, write_report
@@ -135,8 +135,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     resume=True continues the interrupted run in `run_dir` after its last finished round."""
     t_start = time.perf_counter()
     variant = cfg.federation.variant
-    checkpoint = ensure_source(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train,
-                                                 checkpoint=cfg.checkpoint), base)
+    checkpoint = ensure_source(cfg, base)
     model, meta, digest = load_source(checkpoint)
     if model.config != cfg.model:
         raise ValueError(f"{checkpoint} holds {model.config}, the configuration asks for {cfg.model}")

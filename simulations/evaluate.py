@@ -20,21 +20,17 @@ from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
 from grata.adapters import build_adapter
-from grata.config import DataConfig, MethodConfig, TrainConfig, open_domain
+from grata.config import DataConfig, MethodConfig, open_domain
 from grata.data import StreamReport, stream
 from grata.metrics import score
-from grata.models import ModelConfig, load_checkpoint
+from grata.models import load_checkpoint
 from grata.progress import Progress
 from grata.train_source import TrainSourceConfig, ensure_source
 from simulations.plots import dice_bars
 
 
 @dataclass
-class EvaluateConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)  # trains the source model on first use
-    checkpoint: str = ""
+class EvaluateConfig(TrainSourceConfig):  # data, model, train, checkpoint: the source model, trained on first use
     methods: dict[str, MethodConfig] = field(default_factory=dict)
     run: list[str] = field(default_factory=list)
     limit: int = 0  # images per target, 0 = all
@@ -115,8 +111,7 @@ def run(cfg: EvaluateConfig, base: Path | None = None) -> dict:
     if unknown or not cfg.run:
         raise ValueError(f"run={cfg.run}: unknown methods {unknown}; defined: {sorted(cfg.methods)}")
     torch.manual_seed(cfg.seed)
-    source = TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=cfg.checkpoint)
-    model, meta = load_checkpoint(ensure_source(source, base), expect=cfg.model)
+    model, meta = load_checkpoint(ensure_source(cfg, base), expect=cfg.model)
     ref = meta.get("shift_reference")
     for name in cfg.run:  # fail on a bad option before any long work
         build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, **cfg.methods[name].options)

@@ -17,7 +17,7 @@ from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
 from client.client_app import app as client_app
-from grata.train_source import TrainSourceConfig, ensure_source
+from grata.train_source import ensure_source
 from server.config import FederateConfig
 from server.federation import federate
 from server.inline_grid import InlineGrid
@@ -37,7 +37,7 @@ def simulate(cfg: FederateConfig, base: Path, run_dir: Path | None = None) -> di
     """Run cfg.federation.variant across len(cfg.data.sites) simulated sites; returns federate's result."""
     if cfg.resume:
         run_dir = Path(cfg.resume) if Path(cfg.resume).is_absolute() else base / cfg.resume
-    ensure_source(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=cfg.checkpoint), base)
+    ensure_source(cfg, base)
     n = len(cfg.data.sites)
     if cfg.engine == "inline":
         grid = InlineGrid(client_app, [{"partition-id": i, "num-partitions": n} for i in range(n)])
