@@ -4,7 +4,7 @@ Node config (deployment, `flower-supernode --node-config`):
   site        the site's label in the coordinator's tables (default: the domain)
   data-kind   folder (unlabelled images) or fundus (the benchmark CSV layout, labelled)
   data-root   the image folder, or the CSV folder for fundus
-  domain      fundus: which domain's CSV
+  domain      fundus: which domain's CSV; synthetic: which style (no data-root needed)
   state-dir   where the site keeps its state between rounds and processes
   checkpoint  optional: a local copy of the source model (else the coordinator sends it once)
   max-epsilon optional: the site's own privacy budget; the coordinator's configuration cannot raise it
@@ -52,10 +52,10 @@ def site_errors(handler):
 def site_identity(context: Context, cfg: SiteConfig) -> tuple[str, object, Path]:
     """(site name, its dataset, its state folder) from the node config."""
     node = context.node_config
-    if "data-root" in node:
-        kind = str(node.get("data-kind", "folder"))
+    if "data-root" in node or "domain" in node:  # a deployed site names its own data
+        kind = str(node.get("data-kind", "folder" if "data-root" in node else cfg.data["kind"]))
         data = replace(DataConfig(**{k: v for k, v in cfg.data.items() if k in DataConfig.__dataclass_fields__}),
-                       kind=kind, root=str(node["data-root"]))
+                       kind=kind, root=str(node.get("data-root", cfg.data["root"])))
         domain = str(node.get("domain", ""))
         dataset = open_domain(data, domain, data.site_split)
         name = str(node.get("site", domain or Path(str(node["data-root"])).name))

@@ -1,0 +1,43 @@
+"""End to end on loopback: a SuperLink with TLS and SuperNode authentication, two registered SuperNodes
+on tiny synthetic sites, one unregistered SuperNode, `flwr run` for two rounds, then the MLflow record."""
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from server.certs import make_node_keys
+from simulations.deploy_local import Deployment
+
+SIZE = 32
+
+
+def test_tls_deployment_with_registered_nodes(tmp_path, checkpoint):
+    overrides = [f"checkpoint={checkpoint}", f"data.size={SIZE}", "data.synthetic_test=4", "model.encoder=resnet18",
+                 "model.decoder_width=16", "federation.rounds=2", "federation=fed_stats", "mlflow.overlays=0",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"out_dir={tmp_path}/runs",
+                 "data.sites=[north,south]"]
+    with Deployment(tmp_path / "deploy") as dep:
+        dep.start_superlink(nodes=2)
+        assert (dep.certs / "superlink.pem").is_file() and (dep.certs / "ca.pem").is_file()
+        for i, (name, domain) in enumerate([("north", "gamma"), ("south", "colour_cast")]):
+            dep.register(i)
+            dep.start_supernode(i, {"site": name, "domain": domain, "state-dir": str(tmp_path / "sites" / name)})
+        make_node_keys(dep.certs, 2)  # a key the SuperLink never registered
+        intruder = dep.start_supernode(2, {"site": "intruder", "domain": "blur", "state-dir": str(tmp_path / "x")})
+        status = dep.run(overrides, timeout=500)
+        assert status == "finished:completed", (dep.logs / "flwr_run.log").read_text()[-3000:]
+        intruder.wait(timeout=120)
+        assert intruder.returncode != 0  # refused: it never joined
+        assert "No SuperNode found with the given public key" in (dep.logs / "superlink.log").read_text()
+        assert (dep.logs / "superlink.log").read_text().count("https://") >= 1  # TLS, not plain HTTP
+    assert all(p.poll() is not None for p in dep.procs)  # everything it started is gone
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
+    children = {r.data.tags["fedgrata.site"]: r for r in runs if "fedgrata.site" in r.data.tags}
+    assert set(children) == {"north", "south"}  # the intruder took no part
+    for child in children.values():
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "dice_mean")] == [1, 2]
+        eps = client.get_metric_history(child.info.run_id, "dp_epsilon")
+        assert 0 < eps[-1].value <= 8.0
+    assert (tmp_path / "sites" / "north" / "site.pt").is_file()  # state where the node config put it
