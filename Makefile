@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo evaluate evaluate-fundus train-fundus federate-fundus flwr-run clean
+.PHONY: install test demo evaluate evaluate-fundus train-fundus federate-fundus flwr-run deploy-local clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ federate-fundus: $(STAMP)
 # The same federation through Flower's own launcher (`flwr run .`), with the run's true status
 flwr-run: $(STAMP)
 	$(BIN)/python -m simulations.flwr_local $(ARGS)
+
+# A real deployment on loopback: SuperLink with TLS + SuperNode authentication, one SuperNode per site
+deploy-local: $(STAMP)
+	$(BIN)/python -m simulations.deploy_local $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs checkpoints mlartifacts mlflow.db .flwr
