@@ -154,8 +154,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("sites", nargs="+", help="name=domain or name=/image/folder")
     parser.add_argument("--dir", default="runs/deploy")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
-    args, overrides = parser.parse_known_args(argv)
-    overrides = [o for o in overrides if o != "--"]
+    cut = argv.index("--") if "--" in argv else len(argv)  # sites and flags, then Hydra overrides
+    args, overrides = parser.parse_args(argv[:cut]), list(argv[cut + 1:])
     sites = [s.split("=", 1) for s in args.sites]
     if any(len(s) != 2 for s in sites):
         parser.error("each site is name=domain or name=/image/folder")

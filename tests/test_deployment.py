@@ -41,3 +41,23 @@ def test_tls_deployment_with_registered_nodes(tmp_path, checkpoint):
         eps = client.get_metric_history(child.info.run_id, "dp_epsilon")
         assert 0 < eps[-1].value <= 8.0
     assert (tmp_path / "sites" / "north" / "site.pt").is_file()  # state where the node config put it
+
+
+def test_deploy_command_line_separates_sites_from_overrides(monkeypatch):
+    import simulations.deploy_local as deploy
+
+    seen = {}
+    monkeypatch.setattr(deploy, "load_config", lambda overrides: seen.setdefault("overrides", overrides))
+
+    class Stop(Exception):
+        pass
+
+    def no_processes(self, nodes):
+        seen["nodes"] = nodes
+        raise Stop
+
+    monkeypatch.setattr(deploy.Deployment, "start_superlink", no_processes)
+    with pytest.raises(Stop):
+        deploy.main(["north=gamma", "south=colour_cast", "--", "federation=fed_stats"])
+    assert seen["nodes"] == 2
+    assert seen["overrides"] == ["federation=fed_stats", "data.sites=[north,south]"]
