@@ -108,13 +108,13 @@ def round_content(rnd: int, common: dict[str, Any], coord: Coordinator, cfg: Fed
 
 
 def accept(reply: Message | None, variant: Variant, coord: Coordinator):
-    """Audit a reply and parse it: (metrics, stats release or None, affine layers or None).
+    """Audit a reply and parse it: (metrics, stats release or None, affine layers or None, inventory).
     Raises ReplyRejected or ValueError on anything that must not be used; nothing is aggregated here."""
     if reply is None:
         raise ReplyRejected("no reply within the round timeout")
     if reply.has_error():
         raise ReplyRejected(f"site error: {reply.error.reason}")
-    audit(reply.content, variant.value)
+    inventory = audit(reply.content, variant.value)
     metrics = dict(reply.content["metrics"])
     if "privacy" in reply.content:
         metrics.update(reply.content["privacy"])
@@ -126,7 +126,7 @@ def accept(reply: Message | None, variant: Variant, coord: Coordinator):
     layers = layer_tensors(reply.content["affine"], ("weight", "bias")) if "affine" in reply.content else None
     if layers is not None:
         coord.check_affine(layers)
-    return metrics, release, layers
+    return metrics, release, layers, inventory
 
 
 def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None = None,
@@ -170,6 +170,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
         print(f"  resuming {run_dir.name} after round {progress['round']} of {rounds}"
               + (": every round is done, only the report is rewritten" if first > rounds else ""))
     needs_model = {nid for nid, s in sites.items() if not s["has_model"]}
+    sent: list[dict[str, Any]] = []  # the audit: every accepted reply's keys, shapes and sizes
     status = "FAILED"
     try:
         for rnd in range(first, rounds + 1):
@@ -183,7 +184,9 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
             for nid, name in names.items():
                 reply = replies.get(nid)
                 try:
-                    metrics, release, layers = accept(reply, variant, coord)
+                    metrics, release, layers, inventory = accept(reply, variant, coord)
+                    sent.append({"site": name, "round": rnd, "items": inventory,
+                                 "bytes": sum(item["bytes"] for item in inventory)})
                 except (ReplyRejected, ValueError, KeyError) as exc:  # recorded, logged, never aggregated
                     coord.record_failure(name, rnd)
                     print(f"  round {rnd}: {name}: reply not used: {exc}")
@@ -216,6 +219,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
         wall = time.perf_counter() - t_start
         timing = {"wall_s": wall, "client_compute_s": sum(r.get("seconds", 0.0) for s in coord.sites.values() for r in s.rounds)}
         files = write_report(run_dir, variant.value, summary, coord, config, timing)
+        files.append(run_dir / "audit.json")
+        files[-1].write_text(json.dumps({"variant": variant.value, "replies": sent}, indent=1, default=list))
         for path in files:
             tracker.log_artifact(path)
         for name in names.values():

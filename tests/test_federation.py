@@ -48,7 +48,7 @@ def test_fed_stats_run_is_recorded_in_mlflow(tmp_path, checkpoint):
 
 @pytest.mark.parametrize("variant", ["local_only", "fed_stats", "fed_affine"])
 def test_replies_hold_only_the_allowed_records(tmp_path, checkpoint, variant):
-    _, grid = run_tiny(tmp_path, checkpoint, f"federation={variant}")
+    result, grid = run_tiny(tmp_path, checkpoint, f"federation={variant}")
     model = ResUNet(ModelConfig(encoder="resnet18", decoder_width=16))
     channels = [m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(grid.replies) == 4  # 2 sites x 2 rounds
@@ -60,12 +60,19 @@ def test_replies_hold_only_the_allowed_records(tmp_path, checkpoint, variant):
         for item in audit(reply.content, variant):  # raises on anything off the list
             assert item["record"] in ALLOWED[variant]
             assert len(item["shape"]) == 1 and item["shape"][0] <= 2 * MAX_CHANNELS
+        for record in reply.content.config_records.values():  # no site paths or secrets in the words either
+            assert not any(str(tmp_path) in str(v) or "/" in str(v) for v in record.values())
         for name, record in reply.content.array_records.items():
             for i, (key, array) in enumerate(sorted(record.items(), key=lambda kv: int(kv[0].split(".")[0]))):
                 layer = int(key.split(".")[0])
                 per = 2 if name == "stats" else 1  # stats: mean and second moment of each channel
                 assert tuple(array.shape) == (per * channels[layer],)  # per channel, nothing image-sized
                 assert array.numpy().size < 3 * SIZE * SIZE
+    audited = json.loads((Path(result["run_dir"]) / "audit.json").read_text())  # the run's own audit record
+    assert audited["variant"] == variant and len(audited["replies"]) == 4
+    for entry in audited["replies"]:
+        assert {item["record"] for item in entry["items"]} == expected
+        assert entry["bytes"] == sum(item["bytes"] for item in entry["items"]) > 0
 
 
 def test_audit_rejects_what_may_not_leave(tmp_path, checkpoint):
