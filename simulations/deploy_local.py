@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -27,9 +26,8 @@ from pathlib import Path
 
 from server.certs import make_all, make_node_keys
 from server.config import load_config
+from simulations.flwr_cli import BIN, ROOT, flwr, run_federation
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -55,8 +53,7 @@ class Deployment:
         return proc
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=ROOT, text=True, capture_output=True,
-                              timeout=timeout, check=False)
+        return flwr(*args, env=self.env, timeout=timeout)
 
     def start_superlink(self, nodes: int) -> None:
         tls = []
@@ -95,20 +92,10 @@ class Deployment:
 
     def run(self, overrides: list[str], timeout: float = 1800) -> str:
         """`flwr run` the federation; returns the run's final status."""
-        run_config = f"overrides={json.dumps(' '.join(overrides))} base-dir={json.dumps(str(ROOT))}"
-        out = self.flwr("run", ".", "deploy", "--run-config", run_config, "--stream", timeout=timeout)
-        (self.logs / "flwr_run.log").write_text(out.stdout + out.stderr)
-        ids = re.findall(r"run\s*(?:ID)?[:\s]+(\d{6,})", out.stdout + out.stderr, flags=re.I)
-        if not ids:
+        run_id, status, output = run_federation("deploy", overrides, self.env, timeout)
+        (self.logs / "flwr_run.log").write_text(output)
+        if run_id is None:
             raise RuntimeError(f"flwr run reported no run id; see {self.logs / 'flwr_run.log'}")
-        status = "unknown"
-        for _ in range(60):
-            found = re.findall(r'"status"\s*:\s*"([^"]+)"', self.flwr("ls", "deploy", "--run-id", ids[-1],
-                                                                      "--format", "json").stdout)
-            status = found[0] if found else status
-            if status.startswith("finished"):
-                break
-            time.sleep(1)
         return status
 
     @staticmethod
