@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from client.protocol import ReplyRejected, audit, layer_record, layer_tensors
 from client.site import SiteConfig, load_source
 from grata.config import resolve_root
-from grata.privacy import calibrate
+from grata.privacy import calibrate, source_moments
 from grata.train_source import ensure_source
 from server.config import FederateConfig, Variant, resolved
 from server.coordinator import Coordinator
@@ -41,7 +41,7 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 120.0) -> list[int]:
 
 def source_refs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per BN layer (running mean, running var), in the order the sites' adapters list them."""
-    return [(m.running_mean.clone(), m.running_var.clone()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    return source_moments(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def _ask(grid: Grid, contents: dict[int, RecordDict], kind: str, rnd: int, timeout: float) -> dict[int, Message]:
