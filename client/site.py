@@ -160,7 +160,7 @@ class Site:
                 layer.bias.copy_(b)
 
     # --- the round ---------------------------------------------------------------------------------
-    def run_round(self, rnd: int, progress=None) -> dict[str, Any]:
+    def run_round(self, rnd: int) -> dict[str, Any]:
         """Adapt over this round's chunk; returns metrics, and per variant stats or affine tensors."""
         if rnd == self.state.last_round and self.state.last_reply is not None:
             return self.state.last_reply  # a resumed coordinator asks again: the same answer, no new privacy cost
@@ -187,8 +187,6 @@ class Site:
             if len(proxies) == 1 and rnd > self.cfg.rounds - self.cfg.overlays:  # the last rounds' first images
                 save_overlay(self.state_dir / "overlays" / f"round{rnd:02d}_{len(proxies):02d}.png",
                              sample.image, probs[0], sample.mask)
-            if progress is not None:
-                progress()
         seconds = time.perf_counter() - t0
         metrics: dict[str, Any] = {"images": len(proxies), "skipped": len(report.skipped), "seconds": seconds,
                                    "guard_resets": getattr(self.adapter, "guard_resets", 0) - resets_before}
