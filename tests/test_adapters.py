@@ -82,8 +82,8 @@ def test_unknown_adapter(tiny_model):
 
 
 def test_batched_views_give_the_same_step(tiny_model, image):
-    a = build_adapter("grata", tiny_model, lr=1e-2, batch_views=False, bn="image")
-    b = build_adapter("grata", tiny_model, lr=1e-2, batch_views=True, bn="image")
+    a = build_adapter("grata", tiny_model, lr=1e-2, bn="image", speed={"preset": "faithful", "batch_views": "off"})
+    b = build_adapter("grata", tiny_model, lr=1e-2, bn="image", speed={"preset": "faithful", "batch_views": "on"})
     torch.testing.assert_close(a.adapt_and_predict(image), b.adapt_and_predict(image), rtol=1e-4, atol=1e-5)
     assert a.last_step["cosine"] == pytest.approx(b.last_step["cosine"], abs=1e-5)
 
@@ -106,7 +106,7 @@ def test_guard_resets_parameters_when_the_proxy_falls(tiny_model, image):
 
 
 def test_ensemble_prediction_is_the_weak_view_mean(tiny_model, image):
-    adapter = build_adapter("source", tiny_model, ensemble=True)
+    adapter = build_adapter("source", tiny_model, ensemble=True, speed="faithful")
     ref = tiny_model.eval()
     with torch.no_grad():
         outs = [ref(image), ref(image.flip(3)).flip(3), ref(image.flip(2)).flip(2)]
@@ -167,7 +167,7 @@ def test_pooled_statistics_enter_as_one_more_weighted_input(tiny_model, image):
 
     from grata.adapters import build_adapter
 
-    adapter = build_adapter("source", tiny_model)
+    adapter = build_adapter("source", tiny_model, speed="faithful")
     base = adapter.predict(image)
     same = [(n.running_mean.clone(), n.running_var + n.running_mean**2) for n in adapter.norms]
     adapter.set_pooled(same, 0.5)  # pooled == source: nothing changes
@@ -180,7 +180,7 @@ def test_pooled_statistics_enter_as_one_more_weighted_input(tiny_model, image):
         bn.running_var.copy_(m2 - m1**2)
     assert torch.allclose(adapter.predict(image), swapped(image), atol=1e-4)
     state = adapter.state_dict()
-    again = build_adapter("source", tiny_model)
+    again = build_adapter("source", tiny_model, speed="faithful")
     again.load_state_dict(state)  # the pooled share and statistics persist with the site
     assert again.pooled_weight == 1.0 and torch.allclose(again.predict(image), swapped(image), atol=1e-4)
     again.reset()

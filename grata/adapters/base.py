@@ -14,6 +14,7 @@ from torch import nn
 
 from grata.augment import invert_views, weak_views
 from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers
+from grata.speed import Plan, Speed
 
 
 @torch.no_grad()
@@ -45,8 +46,9 @@ class Adapter:
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, bn: str | StatsPolicy | None = None,
                  bn_source_weight: float = 0.5, site_momentum: float = 0.0, seed: int = 0,
-                 ensemble: bool = False, batch_views: bool = False, shift_reference: float | None = None,
-                 shift_threshold: float = 10.0, auto_warmup: int = 4) -> None:
+                 ensemble: bool = False, shift_reference: float | None = None,
+                 shift_threshold: float = 10.0, auto_warmup: int = 4,
+                 speed: str | Speed | dict = "fast", device: str = "cpu") -> None:
         if lr < 0:
             raise ValueError(f"lr={lr} must be >= 0")
         bn = self.default_bn if bn is None else bn
@@ -58,11 +60,14 @@ class Adapter:
         self.policy = (StatsPolicy.named("source") if self.auto else bn if isinstance(bn, StatsPolicy)
                        else StatsPolicy.named(bn, bn_source_weight, site_momentum=site_momentum))
         self.bn_name = bn if isinstance(bn, str) else "custom"
-        self.lr, self.ensemble, self.batch_views = lr, ensemble, batch_views
+        self.lr, self.ensemble = lr, ensemble
+        self.speed = Speed.named(speed)
+        self.plan = Plan.resolve(self.speed, torch.device(device))
         self.pooled_weight: float | list[float] = 0.0  # share of coordinator-pooled statistics (set_pooled)
         self.model = convert_norms(copy.deepcopy(model), self.policy).eval()
         self.norms: list[AdaptiveNorm] = norm_layers(self.model)
         self.params = self.collect_params()
+        self.plan.prepare(self.model)
         self.generator = torch.Generator().manual_seed(seed)
         self._seed = seed
         self.optimizer = self.make_optimizer()
@@ -153,7 +158,7 @@ class Adapter:
         """What this adapter is, for tables and run records."""
         auto = {"shift_reference": self.shift_reference, "shift_threshold": self.shift_threshold} if self.auto else {}
         return {"method": self.name, "lr": self.lr, "bn": self.bn_name, "bn_policy": self.policy.__dict__,
-                "ensemble": self.ensemble, **auto}
+                "ensemble": self.ensemble, "speed": self.plan.describe(), **auto}
 
     # --- state -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -195,17 +200,19 @@ class Adapter:
 
     # --- the loop --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
-        """One forward pass; observe=True marks it as the images' own pass (site statistics update)."""
+        """One forward pass in the plan's precision and layout -> fp32 logits; observe=True marks it as
+        the images' own pass (site statistics update)."""
         if observe:
             for layer in self.norms:
                 layer.observe_next = True
-        return self.model(x)
+        with self.plan.autocast(grad=torch.is_grad_enabled()):
+            return self.model(self.plan.layout(x)).float()
 
     @torch.no_grad()
     def view_probs(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
         """Mean sigmoid over the original and its 5 weak views, mapped back: [B,3,H,W] -> [B,2,H,W]."""
         views = weak_views(x)
-        if self.batch_views:
+        if self.plan.batch_views:
             outs = list(self.forward(torch.cat(views)).chunk(len(views)))
             if observe:  # the site statistics must see the image once, not six views
                 self.forward(x, observe=True)
@@ -225,10 +232,10 @@ class Adapter:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         self.last_teacher = None
-        logits = self.step(images)
+        logits = self.step(images.to(self.plan.device))
         self.last_step.update(self._update_auto())
         self.images_seen += images.shape[0]
-        return logits.detach()
+        return logits.detach().cpu()
 
     def step(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
