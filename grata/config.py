@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from grata.data import ImageFolder, fundus_split
-from grata.synthetic import STYLES, SyntheticDomain
+from grata.synthetic import SyntheticDomain, style_of
 
 
 @dataclass
@@ -53,6 +53,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     threads: int = 0  # 0 = torch's default
+    precision: str = "fp32"  # fp32 | bf16 (autocast + channels-last; bench/train.py measures both)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision={self.precision!r}: choose fp32 or bf16")
 
 
 def resolve_root(root: str, base: str | Path | None = None) -> Path:
@@ -64,8 +69,7 @@ def resolve_root(root: str, base: str | Path | None = None) -> Path:
 def open_domain(cfg: DataConfig, domain: str, split: str, base: str | Path | None = None) -> torch.utils.data.Dataset:
     """The dataset of one domain and split (train, test or all) for the configured data kind."""
     if cfg.kind == "synthetic":
-        if domain not in STYLES:
-            raise ValueError(f"data domain {domain!r} is not a synthetic style; choose from {sorted(STYLES)}")
+        style_of(domain)  # the error names the domain and the styles
         if split == "all":
             parts = [open_domain(cfg, domain, s) for s in ("train", "test")]
             return torch.utils.data.ConcatDataset(parts)

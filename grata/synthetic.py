@@ -122,12 +122,21 @@ def render(size: int, style: Style, g: torch.Generator) -> tuple[torch.Tensor, t
     return minmax(img.clamp(0, 1)), torch.stack([disc, cup]).float()
 
 
+def style_of(domain: str) -> str:
+    """A domain's style: its name, or for `<style>-<k>` (another hospital of that style, with its own
+    images) the part before the dash."""
+    base, dash, k = domain.rpartition("-")
+    style = base if dash and k.isdigit() else domain
+    if style not in STYLES:
+        raise ValueError(f"synthetic domain {domain!r}: choose one of {sorted(STYLES)}, or <style>-<k> for more sites")
+    return style
+
+
 class SyntheticDomain(torch.utils.data.Dataset):
-    """`n` synthetic images of one named style; split names give disjoint, reproducible samples."""
+    """`n` synthetic images of one named style; domain and split names give disjoint, reproducible samples."""
 
     def __init__(self, domain: str, n: int = 64, size: int = 256, split: str = "test", seed: int = 0):
-        if domain not in STYLES:
-            raise ValueError(f"synthetic domain {domain!r}: choose one of {sorted(STYLES)}")
+        self.style = style_of(domain)
         if n < 1 or size % 32:
             raise ValueError(f"synthetic domain needs n >= 1 and size a multiple of 32 (got n={n}, size={size})")
         self.domain, self.n, self.size, self.split, self.seed = domain, n, size, split, seed
@@ -138,5 +147,5 @@ class SyntheticDomain(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Sample:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        image, mask = render(self.size, STYLES[self.domain], _generator(self.seed, self.domain, self.split, i))
+        image, mask = render(self.size, STYLES[self.style], _generator(self.seed, self.domain, self.split, i))
         return Sample(image, mask, f"{self.domain}_{self.split}_{i:04d}")
