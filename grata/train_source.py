@@ -43,6 +43,8 @@ def training_inputs(cfg: TrainSourceConfig) -> dict:
     """What decides the trained weights (not, e.g., the evaluation targets): resume only onto the same."""
     d = cfg.data
     train = {k: v for k, v in asdict(cfg.train).items() if k != "threads"}  # speed, not weights
+    if train["precision"] == "fp32":  # checkpoints from before the option existed were fp32: still valid
+        del train["precision"]
     return {"train": train, "data": [d.kind, d.root, d.size, d.source, d.synthetic_train, d.seed]}
 
 
@@ -65,6 +67,19 @@ def evaluate_in_domain(model: ResUNet, images: torch.Tensor, masks: torch.Tensor
     return {k: float(np.concatenate(v).mean()) for k, v in scores.items()}
 
 
+def train_step(model: ResUNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> float:
+    """One supervised step on a batch x [B,3,H,W], y [B,2,H,W]; bf16: autocast (weights stay fp32)."""
+    if bf16:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    loss = segmentation_loss(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
 def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
     """Train (or resume) and return the summary written beside the checkpoint."""
     if cfg.train.threads:
@@ -81,6 +96,9 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
             raise ValueError(f"{path} was trained with another configuration; pass checkpoint=<new path> or delete it")
     else:
         model = ResUNet(cfg.model)
+    bf16 = cfg.train.precision == "bf16"
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs)
     start_epoch, history = 0, []
@@ -103,11 +121,7 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
             flip = [d for d, p in ((3, 0.5), (2, 0.5)) if torch.rand(()) < p]
             if flip:
                 x, y = x.flip(flip), y.flip(flip)
-            loss = segmentation_loss(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(train_step(model, opt, x, y, bf16))
             bar.update(loss=float(np.mean(losses)))
         sched.step()
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0})
