@@ -171,7 +171,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
               + (": every round is done, only the report is rewritten" if first > rounds else ""))
     needs_model = {nid for nid, s in sites.items() if not s["has_model"]}
     sent: list[dict[str, Any]] = []  # the audit: every accepted reply's keys, shapes and sizes
-    status = "FAILED"
+    status, bookkeeping_s = "FAILED", 0.0  # bookkeeping: MLflow writes and the coordinator's saved state
     try:
         for rnd in range(first, rounds + 1):
             t0 = time.perf_counter()
@@ -207,8 +207,10 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                      for k in MEAN_KEYS if (n := sum(k in m for m in per_site.values()))}
             if coord.pooled_kept:
                 means["dp_signal_kept"] = sum(coord.pooled_kept) / len(coord.pooled_kept)
+            t_book = time.perf_counter()
             tracker.log_round(rnd, {**per_site, **failed}, means)
             save_progress(run_dir, rnd, coord, tracker, config)
+            bookkeeping_s += time.perf_counter() - t_book
             print(f"  round {rnd}/{rounds} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
                 f"{n} proxy {m.get('dice_proxy', float('nan')):.1f}"
                 + (f" dice {m['dice_mean']:.1f}" if "dice_mean" in m else "")
@@ -217,7 +219,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     finally:
         summary = site_summary(coord)
         wall = time.perf_counter() - t_start
-        timing = {"wall_s": wall, "client_compute_s": sum(r.get("seconds", 0.0) for s in coord.sites.values() for r in s.rounds)}
+        timing = {"wall_s": wall, "client_compute_s": sum(r.get("seconds", 0.0) for s in coord.sites.values() for r in s.rounds),
+                  "bookkeeping_s": bookkeeping_s}
         files = write_report(run_dir, variant.value, summary, coord, config, timing)
         files.append(run_dir / "audit.json")
         files[-1].write_text(json.dumps({"variant": variant.value, "replies": sent}, indent=1, default=list))
@@ -227,6 +230,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
             for png in sorted((run_dir / "sites" / name / "overlays").glob("*.png")):
                 tracker.log_artifact(png, site=name, folder="overlays")
         tracker.finish(status)
+        timing["report_s"] = time.perf_counter() - t_start - wall
     return {"variant": variant.value, "sites": summary, "timing": timing, "run_dir": str(run_dir),
             "mlflow": {"uri": tracker.uri, "parent_run_id": tracker.parent, "offline": tracker.offline}}
 
