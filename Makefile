@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo evaluate evaluate-fundus train-fundus federate-fundus flwr-run deploy-local clean
+.PHONY: install test demo bench bench-quick evaluate evaluate-fundus train-fundus federate-fundus flwr-run deploy-local clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,14 @@ test: $(STAMP)
 # The main job: local_only, fed_stats and fed_affine across four synthetic sites (Flower simulation, MLflow in ./mlflow.db)
 demo: $(STAMP)
 	$(BIN)/python -m simulations.compare
+
+# Speed: step throughput (faithful fp32 vs fast), Dice check on the real data, training, federation overhead
+# (about an hour on a 2-core CPU; tables in bench/results/tables.md). bench-quick: a few minutes.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick --out bench/results/quick $(ARGS)
 
 # The paper's protocol, one process, every method (no federation)
 evaluate: $(STAMP)

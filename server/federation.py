@@ -171,7 +171,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
               + (": every round is done, only the report is rewritten" if first > rounds else ""))
     needs_model = {nid for nid, s in sites.items() if not s["has_model"]}
     sent: list[dict[str, Any]] = []  # the audit: every accepted reply's keys, shapes and sizes
-    status, bookkeeping_s = "FAILED", 0.0  # bookkeeping: MLflow writes and the coordinator's saved state
+    status, bookkeeping_s, round_s = "FAILED", 0.0, []  # bookkeeping: MLflow writes and the coordinator's saved state
+    startup_s = time.perf_counter() - t_start  # sites introduced (in simulation: the engine's workers started)
     try:
         for rnd in range(first, rounds + 1):
             t0 = time.perf_counter()
@@ -211,6 +212,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
             tracker.log_round(rnd, {**per_site, **failed}, means)
             save_progress(run_dir, rnd, coord, tracker, config)
             bookkeeping_s += time.perf_counter() - t_book
+            round_s.append(time.perf_counter() - t0)
             print(f"  round {rnd}/{rounds} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
                 f"{n} proxy {m.get('dice_proxy', float('nan')):.1f}"
                 + (f" dice {m['dice_mean']:.1f}" if "dice_mean" in m else "")
@@ -220,7 +222,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
         summary = site_summary(coord)
         wall = time.perf_counter() - t_start
         timing = {"wall_s": wall, "client_compute_s": sum(r.get("seconds", 0.0) for s in coord.sites.values() for r in s.rounds),
-                  "bookkeeping_s": bookkeeping_s}
+                  "bookkeeping_s": bookkeeping_s, "startup_s": startup_s, "round_s": round_s}
         files = write_report(run_dir, variant.value, summary, coord, config, timing)
         files.append(run_dir / "audit.json")
         files[-1].write_text(json.dumps({"variant": variant.value, "replies": sent}, indent=1, default=list))

@@ -1,0 +1,43 @@
+"""The benchmark suite's pieces measure what they say (timings are printed by bench/, never asserted)."""
+import json
+
+import pytest
+
+from bench.common import spread, table, write
+from bench.federation import site_names
+from bench.step import in_child, method_options, METHODS
+
+
+def test_spread_and_table():
+    s = spread([3.0, 1.0, 2.0, 4.0])
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 4.0 and s["n"] == 4 and s["q1"] <= s["q3"]
+    md = table([{"a": "x", "b": 1.234}, {"a": "y", "b": None}], [("a", "name", ""), ("b", "value", ".1f")])
+    assert md.splitlines() == ["| name | value |", "|---|---:|", "| x | 1.2 |", "| y | - |"]
+
+
+def test_results_carry_the_machine(tmp_path):
+    path = write("probe", {"rows": [1]}, tmp_path)
+    data = json.loads(path.read_text())
+    assert data["rows"] == [1] and data["machine"]["torch"] and data["machine"]["cores"] >= 1
+
+
+def test_every_method_preset_is_benchmarked():
+    for name in METHODS:
+        adapter, options = method_options(name)
+        assert adapter in ("source", "bn", "tent", "sar", "grata") and isinstance(options, dict)
+
+
+def test_more_sites_than_styles_get_their_own_names():
+    names = site_names(9)
+    assert names[:4] == ["colour_cast", "gamma", "low_contrast", "uneven_light"]
+    assert names[4:] == ["colour_cast-1", "gamma-1", "low_contrast-1", "uneven_light-1", "colour_cast-2"]
+    assert len(set(site_names(16))) == 16
+
+
+@pytest.mark.parametrize("speed", ["faithful", "fast"])
+def test_one_step_job_runs_in_its_own_process(speed):
+    job = {"kind": "step", "method": "tent", "encoder": "resnet18", "size": 64, "speed": speed,
+           "warmup": 1, "repeats": 2, "threads": 1, "device": "cpu"}
+    r = in_child(job)
+    assert r["s_per_image"]["n"] == 2 and r["images_per_s"] > 0 and r["peak_mib"] > 0
+    assert r["plan"]["channels_last"] == (speed == "fast")
