@@ -19,9 +19,9 @@ RESULTS = Path("bench/results")
 
 def machine() -> dict[str, Any]:
     """The facts a timing is meaningless without."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
+               platform.processor())
     info = {"cpu": cpu, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
             "bf16_native_cpu": native_bf16(torch.device("cpu")), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
