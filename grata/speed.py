@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Iterator
-
 import torch
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -113,14 +111,3 @@ class Plan:
         return {"device": str(self.device), "bf16": self.bf16, "grad_bf16": self.grad_bf16,
                 "channels_last": self.channels_last, "batch_views": self.batch_views}
 
-
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to n (0: leave as is) for a block, then restored."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
