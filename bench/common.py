@@ -1,6 +1,7 @@
 """What every benchmark shares: the machine record, timing statistics, tables and JSON output."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -78,4 +79,13 @@ def write(name: str, payload: dict[str, Any], out: Path = RESULTS) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))
+    return path
+
+
+def publish(name: str, args: argparse.Namespace, tables: str, **payload: Any) -> Path:
+    """Print a part's tables and write them as bench/results/<name>.json with its command-line settings."""
+    print("\n" + tables)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    path = write(name, {"config": config, **payload}, args.out)
+    print(f"\n-> {path}")
     return path

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import table, write
+from bench.common import publish, table
 
 SPEEDS = ("faithful", "fast")
 
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     rows = run(args.methods, args.split, args.limit, args.root)
-    print("\n" + dice_table(rows))
-    path = write("dice", {"config": {k: str(v) for k, v in vars(args).items()},
-                          "model": "ResUNet-34, 256 px, source RIM_ONE_r2", "rows": rows}, args.out)
-    print(f"\n-> {path}")
+    publish("dice", args, dice_table(rows), model="ResUNet-34, 256 px, source RIM_ONE_r2", rows=rows)
     return rows
 
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import table, write
+from bench.common import publish, table
 
 STYLES = ("colour_cast", "gamma", "low_contrast", "uneven_light")
 
@@ -81,10 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(row)
                 print(f"{n:>2} sites x {images:>2} images: compute {row['compute_s']:.1f} s, wall {row['wall_s']:.1f} s "
                       f"(x{row['wall_over_compute']:.2f}), process {row['process_s']:.1f} s", flush=True)
-    print("\n" + federation_table(rows))
-    path = write("federation", {"config": {k: str(v) for k, v in vars(args).items()},
-                                "model": "ResUNet-18, 128 px, synthetic, fedgrata", "rows": rows}, args.out)
-    print(f"\n-> {path}")
+    publish("federation", args, federation_table(rows), model="ResUNet-18, 128 px, synthetic, fedgrata", rows=rows)
     return rows
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import peak_rss_mib, rss_mib, spread, table, timed, write
+from bench.common import peak_rss_mib, publish, rss_mib, spread, table, timed
 
 METHODS = ("source", "bn", "tent", "sar", "grata_paper", "fedgrata")
 CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
@@ -159,9 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                 steps.append(row)
                 print(f"  {method:<12} faithful {row['faithful_s']:.3f} s/img  fast {row['fast_s']:.3f} s/img  "
                       f"x{row['speedup']:.2f}", flush=True)
-    print("\n" + step_table(steps) + "\n\n" + passes_table(passes))
-    path = write("step", {"config": vars(args) | {"out": str(args.out)}, "steps": steps, "passes": passes}, args.out)
-    print(f"\n-> {path}")
+    publish("step", args, step_table(steps) + "\n\n" + passes_table(passes), steps=steps, passes=passes)
     return {"steps": steps, "passes": passes}
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import peak_rss_mib, spread, table, timed, write
+from bench.common import peak_rss_mib, publish, spread, table, timed
 
 
 def measure(encoder: str, size: int, batch: int, repeats: int, bf16: bool) -> dict:
@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "runs": [fp32, bf16]})
         print(f"{encoder} {args.size}px batch {args.batch}: fp32 {fp32['images_per_s']:.2f} img/s, "
               f"bf16 {bf16['images_per_s']:.2f} img/s", flush=True)
-    print("\n" + train_table(rows))
-    path = write("train", {"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, args.out)
-    print(f"\n-> {path}")
+    publish("train", args, train_table(rows), rows=rows)
     return rows
 
 
