@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m simulations.compare
 
 # Speed: step throughput (faithful fp32 vs fast), Dice check on the real data, training, federation overhead
-# (about an hour on a 2-core CPU; tables in bench/results/tables.md). bench-quick: a few minutes.
+# (about 40 min on a 2-core CPU; tables in bench/results/tables.md). bench-quick: about 1.5 min.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
