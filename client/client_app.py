@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from client.protocol import audit, layer_tensors, reply_content
 from client.site import Site, SiteConfig, load_source, open_site_data
 from grata.config import DataConfig, open_domain
+from grata.data import first_readable
 from grata.models import ModelConfig, ResUNet, save_checkpoint
 
 app = ClientApp()
@@ -91,7 +92,8 @@ def _setup(msg: Message, context: Context) -> tuple[SiteConfig, str, object, Pat
 def query(msg: Message, context: Context) -> Message:
     """Introduce the site: its name, its image count, whether it holds labels and the source model."""
     cfg, name, dataset, state_dir, config = _setup(msg, context)
-    labelled = len(dataset) > 0 and dataset[0].mask is not None
+    first = first_readable(dataset, cfg.data.get("on_error", "raise"))  # the skip rule applies here too
+    labelled = first is not None and first.mask is not None
     site = {"name": name, "status": "ok", "has_model": find_model(state_dir, context, config) is not None,
             "images_total": len(dataset), "labelled": labelled}
     return Message(RecordDict({"site": ConfigRecord(site)}), reply_to=msg)

@@ -149,6 +149,14 @@ def stream(dataset: Sequence[Sample], on_error: str = "raise", report: StreamRep
         yield sample
 
 
+def first_readable(dataset: Sequence[Sample], on_error: str = "raise") -> Sample | None:
+    """The first sample `stream` would yield under the same skip rule (None when every file is bad).
+
+    Anything that peeks at a dataset (does it hold labels?) must use this, not dataset[0]: with
+    on_error="skip" a corrupt first file must not decide for, or stop, the whole site."""
+    return next(stream(dataset, on_error), None)
+
+
 def fundus_split(root: str | Path, domain: str, split: str, size: int = 256) -> FundusCSV:
     """`split` is train, test or all (train then test: the paper adapts on every image of a target)."""
     root = Path(root)

@@ -71,7 +71,8 @@ class PrivacyConfig:
 class MlflowConfig:
     tracking_uri: str = ""  # "" = sqlite:///<launch directory>/mlflow.db (absolute)
     experiment: str = "fedgrata"
-    run_name: str = ""  # "" = the variant
+    run_name: str = ""  # "" = "<variant> <group>"
+    group: str = ""  # the comparison a run belongs to (tag fedgrata.compare); "" = the run folder's name
     overlays: int = 2  # per site; drawn and kept at the site, logged only where the site folder is local
 
 

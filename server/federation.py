@@ -24,8 +24,8 @@ from grata.privacy import calibrate, source_moments
 from grata.train_source import ensure_source
 from server.config import FederateConfig, Variant, resolved
 from server.coordinator import Coordinator
-from server.report import site_summary, write_report
-from server.tracking import Tracker
+from server.report import mean_row, site_summary, write_report
+from server.tracking import Tracker, flatten
 
 MEAN_KEYS = ("dice_proxy", "align_cos_mean", "lr_mean", "entropy", "dp_epsilon", "dice_disc", "dice_cup", "dice_mean")
 
@@ -64,10 +64,18 @@ def load_progress(run_dir: Path, config: dict) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"resume: {path} does not exist (no finished round to resume from)")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    strip = lambda c: {k: v for k, v in c.items() if k not in ("resume", "engine")}  # noqa: E731 - how, not what
-    if strip(state["config"]) != strip(config):
-        raise ValueError(f"resume: {run_dir} was run with another configuration; resume it with the same overrides")
+    differ = config_diff(state["config"], config)
+    if differ:
+        raise ValueError(f"resume: {run_dir} was run with another configuration; these settings differ "
+                         f"(saved -> now): {'; '.join(differ)}. Resume without overrides to use the saved ones.")
     return state
+
+
+def config_diff(saved: dict, now: dict, ignore: tuple[str, ...] = ("resume", "engine")) -> list[str]:
+    """The dotted keys whose values differ, as "key: saved -> now" (how a run is launched is not compared)."""
+    a, b = flatten(saved), flatten(now)
+    keys = sorted(k for k in a.keys() | b.keys() if k.split(".")[0] not in ignore and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in keys]
 
 
 def introduce(grid: Grid, cfg: FederateConfig, common: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -154,6 +162,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     config = resolved(cfg)
     progress = load_progress(run_dir, config) if resume else None  # fail before any site is asked
 
+    print(f"run folder: {run_dir}", flush=True)
     sites = introduce(grid, cfg, common)
     names = {nid: str(s["name"]) for nid, s in sites.items()}
     print(f"{variant.value}: {len(sites)} sites: " + ", ".join(
@@ -162,8 +171,13 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
         print(f"  privacy: epsilon {cfg.privacy.epsilon}, delta {cfg.privacy.delta} over {rounds} releases "
               f"-> noise multiplier {sigma:.3f}, clip {cfg.privacy.clip}")
 
+    # the coordinator names each site's stream by its label only: a site's paths stay at the site
+    datasets = {str(s["name"]): {"kind": cfg.data.kind, "source": f"{cfg.data.kind}:{s['name']}",
+                                 "images": int(s["images_total"]), "labelled": bool(s["labelled"]),
+                                 "split": cfg.data.site_split, "size": cfg.data.size} for s in sites.values()}
     tracker = Tracker(cfg.mlflow, base, variant.value, config, sorted(names.values()), run_dir / "mlflow_offline.jsonl",
-                      runs=progress["mlflow"] if progress else None)
+                      runs=progress["mlflow"] if progress else None, group=cfg.mlflow.group or run_dir.name,
+                      datasets=datasets)
     coord = progress["coordinator"] if progress else Coordinator(cfg.federation, source_refs(model))
     first = progress["round"] + 1 if progress else 1
     if progress:
@@ -218,6 +232,9 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                 + (f" dice {m['dice_mean']:.1f}" if "dice_mean" in m else "")
                 + (" FLAGGED" if m["flagged"] else "") for n, m in sorted(per_site.items())), flush=True)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"  # the runs say what happened; resume continues after the last finished round
+        raise
     finally:
         summary = site_summary(coord)
         wall = time.perf_counter() - t_start
@@ -231,10 +248,14 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
         for name in names.values():
             for png in sorted((run_dir / "sites" / name / "overlays").glob("*.png")):
                 tracker.log_artifact(png, site=name, folder="overlays")
+        tracker.log_summary(summary, mean_row(summary), 
+                             step=max((r["round"] for s in coord.sites.values() for r in s.rounds), default=0))
         tracker.finish(status)
+        if status != "FINISHED":
+            print(f"{variant.value}: {status.lower()}; continue it with: python -m simulations.run resume={run_dir}", flush=True)
         timing["report_s"] = time.perf_counter() - t_start - wall
     return {"variant": variant.value, "sites": summary, "timing": timing, "run_dir": str(run_dir),
             "mlflow": {"uri": tracker.uri, "parent_run_id": tracker.parent, "offline": tracker.offline}}
 
 
-__all__ = ["accept", "federate", "introduce", "round_content", "source_refs", "wait_for_nodes"]
+__all__ = ["accept", "config_diff", "federate", "introduce", "round_content", "source_refs", "wait_for_nodes"]

@@ -33,12 +33,12 @@ def test_tls_deployment_with_registered_nodes(tmp_path, checkpoint):
     assert all(p.poll() is not None for p in dep.procs)  # everything it started is gone
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     children = {r.data.tags["fedgrata.site"]: r for r in runs if "fedgrata.site" in r.data.tags}
     assert set(children) == {"north", "south"}  # the intruder took no part
     for child in children.values():
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "dice_mean")] == [1, 2]
-        eps = client.get_metric_history(child.info.run_id, "dp_epsilon")
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "round/dice_mean")] == [1, 2]
+        eps = client.get_metric_history(child.info.run_id, "round/dp_epsilon")
         assert 0 < eps[-1].value <= 8.0
     assert (tmp_path / "sites" / "north" / "site.pt").is_file()  # state where the node config put it
 

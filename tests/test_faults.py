@@ -37,8 +37,7 @@ def grid_for(app, sites: int = 2) -> RecordingGrid:
 
 def child_runs(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("fedgrata")
-    return client, {r.data.tags["fedgrata.site"]: r for r in client.search_runs([exp.experiment_id])
+    return client, {r.data.tags["fedgrata.site"]: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
                     if "fedgrata.site" in r.data.tags}
 
 
@@ -55,8 +54,8 @@ def test_a_site_that_dies_mid_round_rejoins_and_resumes(tmp_path, checkpoint):
     assert gamma["images"] == 4  # rounds 1 and 3: it resumed from its saved state, round 2's chunk is lost
     client, children = child_runs(tmp_path)
     assert "site process killed" in children["gamma"].data.tags["fedgrata.failure.round2"]
-    assert [m.step for m in client.get_metric_history(children["gamma"].info.run_id, "reply_failed")] == [2]
-    assert [m.step for m in client.get_metric_history(children["gamma"].info.run_id, "dice_proxy")] == [1, 3]
+    assert [m.step for m in client.get_metric_history(children["gamma"].info.run_id, "round/reply_failed")] == [2]
+    assert [m.step for m in client.get_metric_history(children["gamma"].info.run_id, "round/dice_proxy")] == [1, 3]
 
 
 def corrupt(kind):
@@ -241,10 +240,10 @@ def test_a_real_mlflow_server_receives_the_run_over_http(tmp_path, checkpoint):
         result = federate(grid_for(client_app), cfg, tmp_path)
         assert result["mlflow"]["offline"] is None
         client = MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert len(runs) == 3 and {r.data.tags.get("fedgrata.site") for r in runs} == {None, "colour_cast", "gamma"}
         child = next(r for r in runs if r.data.tags.get("fedgrata.site") == "gamma")
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "dice_mean")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "round/dice_mean")] == [1, 2]
         parent = next(r for r in runs if "fedgrata.site" not in r.data.tags)
         assert "sites.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}  # artifacts over HTTP too
     finally:
@@ -275,7 +274,7 @@ def test_an_interrupted_run_resumes_without_losing_finished_rounds(tmp_path, che
     parents = [r for r in client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
                if "fedgrata.site" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same MLflow runs went on
-    eps = client.get_metric_history(children["gamma"].info.run_id, "dp_epsilon")
+    eps = client.get_metric_history(children["gamma"].info.run_id, "round/dp_epsilon")
     assert [m.step for m in eps] == [1, 2, 3] and eps[-1].value <= 8.0
     with pytest.raises(ValueError, match="another configuration"):
         federate(grid_for(client_app), load_config_like(cfg, "federation.rounds=4"), tmp_path, run_dir, resume=True)

@@ -21,8 +21,7 @@ def test_fed_stats_run_is_recorded_in_mlflow(tmp_path, checkpoint):
     result, grid = run_tiny(tmp_path, checkpoint, "federation=fed_stats")
     assert not any(r.has_error() for r in grid.replies)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("fedgrata")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])  # site runs live in fedgrata-sites
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2
@@ -33,14 +32,14 @@ def test_fed_stats_run_is_recorded_in_mlflow(tmp_path, checkpoint):
     for child in children:
         assert child.info.status == "FINISHED"
         for key in ("dice_proxy", "align_cos_mean", "lr_mean", "entropy", "dp_epsilon", "dice_disc", "dice_cup", "dice_mean"):
-            history = client.get_metric_history(child.info.run_id, key)
+            history = client.get_metric_history(child.info.run_id, f"round/{key}")
             assert [m.step for m in history] == [1, 2], key
-        eps = [m.value for m in client.get_metric_history(child.info.run_id, "dp_epsilon")]
+        eps = [m.value for m in client.get_metric_history(child.info.run_id, "round/dp_epsilon")]
         assert 0 < eps[0] < eps[1] <= 8.0 + 1e-6
         overlays = [a.path for a in client.list_artifacts(child.info.run_id, "overlays")]
         assert overlays and all(p.endswith(".png") for p in overlays)
     parent = parents[0].info.run_id
-    assert [m.step for m in client.get_metric_history(parent, "dice_proxy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(parent, "round/dice_proxy")] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"config.yaml", "sites.csv", "rounds.csv", "rounds.png", "summary.json"} <= artifacts
     assert set(result["sites"]) == {"colour_cast", "gamma"} and result["sites"]["gamma"]["images"] == 4
