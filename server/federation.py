@@ -252,7 +252,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                              step=max((r["round"] for s in coord.sites.values() for r in s.rounds), default=0))
         tracker.finish(status)
         if status != "FINISHED":
-            print(f"{variant.value}: {status.lower()}; continue it with: python -m simulations.run resume={run_dir}", flush=True)
+            print(f"{variant.value}: {status} (MLflow runs marked {status})\nrun folder: {run_dir}\n"
+                  f"continue with: python -m simulations.run resume={run_dir}", flush=True)
         timing["report_s"] = time.perf_counter() - t_start - wall
     return {"variant": variant.value, "sites": summary, "timing": timing, "run_dir": str(run_dir),
             "mlflow": {"uri": tracker.uri, "parent_run_id": tracker.parent, "offline": tracker.offline}}
