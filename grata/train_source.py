@@ -109,10 +109,12 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
         torch.set_rng_state(meta["rng"])
         print(f"resuming {path} after epoch {start_epoch}/{cfg.train.epochs}")
     n, bs = len(images), cfg.train.batch_size
+    per_epoch = sum(1 for i in range(0, n, bs) if min(bs, n - i) >= 2)
+    bar = Progress(per_epoch * (cfg.train.epochs - start_epoch),  # one bar for the whole training: its ETA is the stage's
+                   f"training the source model ({cfg.model.encoder}, {cfg.data.size} px, {n} images, {cfg.train.precision})")
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         order, losses, t0 = torch.randperm(n), [], time.perf_counter()
-        bar = Progress((n + bs - 1) // bs, f"epoch {epoch + 1}/{cfg.train.epochs}")
         for i in range(0, n, bs):
             idx = order[i : i + bs]
             x, y = images[idx], masks[idx]
@@ -122,11 +124,12 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
             if flip:
                 x, y = x.flip(flip), y.flip(flip)
             losses.append(train_step(model, opt, x, y, bf16))
-            bar.update(loss=float(np.mean(losses)))
+            bar.update(epoch=f"{epoch + 1}/{cfg.train.epochs}", loss=float(np.mean(losses)))
         sched.step()
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0})
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1,
                         history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg))
+    bar.close()
     if "shift_reference" not in meta:  # the unit bn="auto" measures a site's shift in
         ref = shift_reference(model, images)
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,

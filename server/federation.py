@@ -21,6 +21,7 @@ from client.protocol import ReplyRejected, audit, layer_record, layer_tensors
 from client.site import SiteConfig, load_source
 from grata.config import resolve_root
 from grata.privacy import calibrate, source_moments
+from grata.progress import Progress
 from grata.train_source import ensure_source
 from server.config import FederateConfig, Variant, resolved
 from server.coordinator import Coordinator
@@ -187,6 +188,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     sent: list[dict[str, Any]] = []  # the audit: every accepted reply's keys, shapes and sizes
     status, bookkeeping_s, round_s = "FAILED", 0.0, []  # bookkeeping: MLflow writes and the coordinator's saved state
     startup_s = time.perf_counter() - t_start  # sites introduced (in simulation: the engine's workers started)
+    bar = Progress(max(0, rounds - first + 1), f"{variant.value}: rounds")
     try:
         for rnd in range(first, rounds + 1):
             t0 = time.perf_counter()
@@ -227,15 +229,17 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
             save_progress(run_dir, rnd, coord, tracker, config)
             bookkeeping_s += time.perf_counter() - t_book
             round_s.append(time.perf_counter() - t0)
-            print(f"  round {rnd}/{rounds} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
+            bar.write(f"  round {rnd}/{rounds} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
                 f"{n} proxy {m.get('dice_proxy', float('nan')):.1f}"
                 + (f" dice {m['dice_mean']:.1f}" if "dice_mean" in m else "")
-                + (" FLAGGED" if m["flagged"] else "") for n, m in sorted(per_site.items())), flush=True)
+                + (" FLAGGED" if m["flagged"] else "") for n, m in sorted(per_site.items())))
+            bar.update(**({"dice": means["dice_mean"]} if "dice_mean" in means else {}))
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"  # the runs say what happened; resume continues after the last finished round
         raise
     finally:
+        bar.close()
         summary = site_summary(coord)
         wall = time.perf_counter() - t_start
         timing = {"wall_s": wall, "client_compute_s": sum(r.get("seconds", 0.0) for s in coord.sites.values() for r in s.rounds),

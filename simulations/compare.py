@@ -17,20 +17,40 @@ import numpy as np
 from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
-from server.config import FederateConfig, Variant
+from grata.train_source import ensure_source
+from server.config import FederateConfig, Variant, resolved
 from server.report import mean_row
+from server.tracking import log_source_run
+from simulations.baseline import source_scores
 from simulations.plots import dice_bars
 from simulations.run import quiet, simulate
 
 
-def comparison(results: dict[str, dict], sites: list[str]) -> str:
+def _cell(row: dict | None, key: str) -> str:
+    """"79.37 (86.7/72.0)": mean Dice (disc/cup), or the proxy alone where there are no labels."""
+    if row is None:
+        return "failed"
+    if key == "dice_mean" and "dice_disc" in row:
+        return f"{row['dice_mean']:.2f} ({row['dice_disc']:.1f}/{row['dice_cup']:.1f})"
+    return f"{row.get(key, float('nan')):.2f}"
+
+
+def comparison(results: dict[str, dict], sites: list[str], source: dict[str, dict] | None = None) -> str:
+    """The console's comparison: a row per variant (and the unadapted `source` first, where sites are
+    labelled), a column per site and the mean."""
     key = "dice_mean" if all("dice_mean" in r["sites"].get(s, {}) for r in results.values() for s in sites) else "dice_proxy"
     cols = [*sites, "mean"]
-    head = f"{'variant':<12}" + "".join(f"{c:>16}" for c in cols) + f"{'eps':>7}{'flags':>6}{'wall s':>8}"
-    lines = [f"{key} per site (image-weighted over the whole stream)", head, "-" * len(head)]
+    width = max(18 if key == "dice_mean" else 10, *(len(c) + 2 for c in cols))
+    head = f"{'variant':<12}" + "".join(f"{c:>{width}}" for c in cols) + f"{'eps':>7}{'flags':>6}{'wall s':>8}"
+    what = "Dice x100, mean (disc/cup)" if key == "dice_mean" else "Dice proxy x100 (no labels at the sites)"
+    lines = [f"{what} per site, image-weighted over the whole stream", head, "-" * len(head)]
+    if source and key == "dice_mean":
+        rows = {**source, "mean": mean_row(source)}
+        lines.append(f"{'source':<12}" + "".join(f"{_cell(rows.get(c), key):>{width}}" for c in cols)
+                     + f"{'-':>7}{'-':>6}{'-':>8}")
     for name, res in results.items():
         rows = {**res["sites"], "mean": mean_row(res["sites"])}
-        cells = "".join(f"{rows[c].get(key, float('nan')):>16.2f}" if c in rows else f"{'failed':>16}" for c in cols)
+        cells = "".join(f"{_cell(rows.get(c), key):>{width}}" for c in cols)
         eps = rows["mean"].get("dp_epsilon")
         flags = sum(r.get("flagged", 0) for r in res["sites"].values())
         lines.append(f"{name:<12}{cells}{(f'{eps:.2f}' if eps is not None else '-'):>7}{flags:>6}{res['timing']['wall_s']:>8.0f}")
@@ -52,30 +72,50 @@ def proxy_correlation(results: dict[str, dict]) -> float | None:
     return float(np.corrcoef(proxy, dice)[0, 1])
 
 
+def method_name(cfg: FederateConfig) -> str:
+    """The method's name as the user chose it (conf/method/<name>.yaml), else its adapter."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return str(HydraConfig.get().runtime.choices.get("method") or cfg.method.adapter)
+    except ValueError:  # not under @hydra.main
+        return cfg.method.adapter
+
+
 def compare(cfg: FederateConfig, base: Path) -> dict[str, dict]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.out_dir)
     out = (out if out.is_absolute() else base / out) / f"compare-{stamp}"
+    group = out.name  # tag fedgrata.compare and part of every MLflow run name of this comparison
+    print(f"comparison folder: {out}", flush=True)
+    checkpoint = ensure_source(cfg, base)
+    source = source_scores(cfg, checkpoint, base)
+    if source:
+        log_source_run(cfg.mlflow, base, group, source, mean_row(source), resolved(cfg))
     results = {}
     for i, name in enumerate(cfg.variants):
         print(f"\n=== variant {i + 1}/{len(cfg.variants)}: {name} ===", flush=True)
         run_cfg = copy.deepcopy(cfg)
         run_cfg.federation.variant = Variant[name]
+        run_cfg.mlflow.group = group
         results[name] = simulate(run_cfg, base, out / name)
     sites = list(cfg.data.sites)
-    table = comparison(results, sites)
+    table = comparison(results, sites, source)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "compare.json").write_text(json.dumps({**results, **({"source": {"sites": source}} if source else {})},
+                                                 indent=2, default=str))
     with (out / "compare.csv").open("w", newline="") as fh:
         keys = ("dice_mean", "dice_disc", "dice_cup", "dice_proxy", "dp_epsilon")
         w = csv.writer(fh)
         w.writerow(["variant", "site", *keys])
-        for name, res in results.items():
-            for site, row in {**res["sites"], "mean": mean_row(res["sites"])}.items():
+        rows_of = {**({"source": source} if source else {}), **{n: r["sites"] for n, r in results.items()}}
+        for name, by_site in rows_of.items():
+            for site, row in {**by_site, "mean": mean_row(by_site)}.items():
                 w.writerow([name, site, *[f"{row[k]:.3f}" if k in row else "" for k in keys]])
-    bars = {name: {**{s: r["sites"].get(s, {}) for s in sites}, "mean": mean_row(r["sites"])} for name, r in results.items()}
+    bars = {name: {**{s: by_site.get(s, {}) for s in sites}, "mean": mean_row(by_site)} for name, by_site in rows_of.items()}
     if all("dice_mean" in b[s] for b in bars.values() for s in [*sites, "mean"]):
-        dice_bars(bars, sites, out / "compare.png", title=f"{cfg.data.kind}: {cfg.method.adapter} per site, by federation variant")
+        dice_bars(bars, sites, out / "compare.png",
+                  title=f"{cfg.data.kind} sites, {cfg.model.encoder} at {cfg.data.size} px: "
+                        f"method {method_name(cfg)} per site, by federation variant")
     corr = proxy_correlation(results)
     if corr is not None:
         table += f"\nDice proxy vs true Dice over all site-rounds: Pearson r = {corr:.2f}"

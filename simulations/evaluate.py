@@ -64,6 +64,7 @@ def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, dat
             s = {k: float(v[0]) for k, v in score(logits, sample.mask[None]).items()}
             rows.append({"method": name, "target": target, "image": sample.name, **s, **adapter.last_step})
             bar.update(dice=float(np.mean([r["dice_mean"] for r in rows])))
+        bar.close()  # skipped files never reach the total
         seconds = time.perf_counter() - t0
         keys = ("dice_disc", "dice_cup", "dice_mean", "asd_disc", "asd_cup")
         summary[target] = {k: nanmean([r[k] for r in rows]) for k in keys}

@@ -23,10 +23,12 @@ def dice_bars(results: dict[str, dict], targets: list[str], path: Path, title: s
     ax.set_xticks(range(len(cols)), cols)
     lo = min(min(results[m][c]["dice_cup"], results[m][c]["dice_mean"]) for m in methods for c in cols)
     ax.set_ylim(max(0, lo - 5), 100)
-    ax.set_ylabel("Dice (bars: mean; ▲ disc, ▼ cup)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=min(3, len(methods)), loc="lower left")
+    ax.set_ylabel("Dice x100 (bars: mean; ▲ disc, ▼ cup)")
+    # the legend sits between the title and the axes, never over a bar
+    ax.legend(fontsize=8, ncol=len(methods), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
