@@ -53,11 +53,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     threads: int = 0  # 0 = torch's default
-    precision: str = "fp32"  # fp32 | bf16 (autocast + channels-last; bench/train.py measures both)
+    precision: str = "fp32"  # fp32 | bf16 (autocast + channels-last; bench/train.py measures both) | auto (bf16 where native)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision={self.precision!r}: choose fp32 or bf16")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"train.precision={self.precision!r}: choose fp32, bf16 or auto")
 
 
 def resolve_root(root: str, base: str | Path | None = None) -> Path:

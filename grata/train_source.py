@@ -24,6 +24,7 @@ from grata.losses import segmentation_loss
 from grata.metrics import score
 from grata.models import ModelConfig, ResUNet, load_checkpoint, save_checkpoint
 from grata.progress import Progress
+from grata.speed import native_bf16
 
 
 @dataclass
@@ -39,10 +40,18 @@ def default_checkpoint(cfg: TrainSourceConfig) -> str:
     return f"checkpoints/source_{d.kind}_{d.source}_{m.encoder}_{d.size}.pt"
 
 
+def train_precision(cfg: TrainSourceConfig) -> str:
+    """fp32 or bf16; "auto" is bf16 only where this CPU has it natively (emulated bf16 is slower than fp32)."""
+    if cfg.train.precision == "auto":
+        return "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    return cfg.train.precision
+
+
 def training_inputs(cfg: TrainSourceConfig) -> dict:
     """What decides the trained weights (not, e.g., the evaluation targets): resume only onto the same."""
     d = cfg.data
     train = {k: v for k, v in asdict(cfg.train).items() if k != "threads"}  # speed, not weights
+    train["precision"] = train_precision(cfg)  # what ran, not what was asked
     if train["precision"] == "fp32":  # checkpoints from before the option existed were fp32: still valid
         del train["precision"]
     return {"train": train, "data": [d.kind, d.root, d.size, d.source, d.synthetic_train, d.seed]}
@@ -96,7 +105,8 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
             raise ValueError(f"{path} was trained with another configuration; pass checkpoint=<new path> or delete it")
     else:
         model = ResUNet(cfg.model)
-    bf16 = cfg.train.precision == "bf16"
+    precision = train_precision(cfg)
+    bf16 = precision == "bf16"
     if bf16:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -111,7 +121,7 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
     n, bs = len(images), cfg.train.batch_size
     per_epoch = sum(1 for i in range(0, n, bs) if min(bs, n - i) >= 2)
     bar = Progress(per_epoch * (cfg.train.epochs - start_epoch),  # one bar for the whole training: its ETA is the stage's
-                   f"training the source model ({cfg.model.encoder}, {cfg.data.size} px, {n} images, {cfg.train.precision})")
+                   f"training the source model ({cfg.model.encoder}, {cfg.data.size} px, {n} images, {precision})")
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         order, losses, t0 = torch.randperm(n), [], time.perf_counter()
