@@ -111,10 +111,38 @@ def load_config(overrides: list[str] | str = (), config_name: str = "federate") 
     return OmegaConf.to_object(cfg)
 
 
+# `flwr run . --run-config "federation='fed_stats' rounds=2"`: flat keys (pyproject's [tool.flwr.app.config])
+# and the configuration setting each one sets. "" or 0 keeps the configuration's own value.
+RUN_CONFIG_KEYS = {"federation": "federation", "method": "method", "data": "data", "model": "model",
+                   "rounds": "federation.rounds", "epsilon": "privacy.epsilon", "sites": "data.sites",
+                   "checkpoint": "checkpoint", "mlflow-uri": "mlflow.tracking_uri", "resume": "resume"}
+RUN_CONFIG_OTHER = ("overrides", "base-dir")  # Hydra overrides as one string (power users); where paths start
+
+
+def run_config_overrides(run_config: dict) -> list[str]:
+    """Flower's run config -> Hydra overrides. The flat keys come first; `overrides` (one shell-quoted
+    string of Hydra overrides) comes last and wins where both name the same setting."""
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS) - set(RUN_CONFIG_OTHER))
+    if unknown:
+        raise ValueError(f"run config: unknown key(s) {unknown}; the keys are "
+                         f"{sorted([*RUN_CONFIG_KEYS, *RUN_CONFIG_OTHER])} (pyproject.toml [tool.flwr.app.config])")
+    power = shlex.split(str(run_config.get("overrides", "")))
+    named = {o.lstrip("+~").split("=", 1)[0] for o in power}
+    flat = []
+    for key, setting in RUN_CONFIG_KEYS.items():
+        value = run_config.get(key, "")
+        if value in ("", 0, 0.0) or setting in named:
+            continue
+        if key == "sites" and not str(value).startswith("["):
+            value = "[" + ",".join(v.strip() for v in str(value).split(",") if v.strip()) + "]"
+        flat.append(f"{setting}={value}")
+    return [*flat, *power]
+
+
 def resolved(cfg: FederateConfig) -> dict:
     """The whole configuration as plain data (enums as their names), for run records."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
 
 
-__all__ = ["AffineWeighting", "FederateConfig", "FederationConfig", "MlflowConfig", "PrivacyConfig", "Variant",
+__all__ = ["RUN_CONFIG_KEYS", "run_config_overrides", "AffineWeighting", "FederateConfig", "FederationConfig", "MlflowConfig", "PrivacyConfig", "Variant",
            "load_config", "resolved"]

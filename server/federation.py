@@ -82,6 +82,10 @@ def config_diff(saved: dict, now: dict, ignore: tuple[str, ...] = ("resume", "en
 def introduce(grid: Grid, cfg: FederateConfig, common: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Ask every node who it is (name, image count, labels, whether it holds the source model)."""
     nodes = wait_for_nodes(grid, len(cfg.data.sites))
+    if len(nodes) < len(cfg.data.sites):  # a partial federation must never run quietly
+        print(f"WARNING: only {len(nodes)} of the {len(cfg.data.sites)} configured sites (data.sites) joined. "
+              f"Under `flwr run .` size the local federation: --federation-config \"num-supernodes="
+              f"{len(cfg.data.sites)}\" (make flwr-run does this).", flush=True)
     intro = _ask(grid, {n: RecordDict({"config": ConfigRecord(common)}) for n in nodes}, "query", 0,
                  cfg.federation.round_timeout_s)
     sites: dict[int, dict[str, Any]] = {}

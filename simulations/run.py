@@ -11,11 +11,9 @@ given, must agree with it (a mismatch names the differing settings).
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -30,34 +28,10 @@ from server.config import FederateConfig, resolved
 from server.federation import federate
 from server.inline_grid import InlineGrid
 from server.server_app import make_server_app
+from server.quiet import quiet
 from server.tracking import flatten, kill_live
 
 LAUNCH_KEYS = ("resume", "engine")  # how a run is launched, not what it computes
-
-
-class _DropDeprecation(logging.Filter):
-    """Flower 1.41 deprecates run_simulation; this project keeps it on purpose (README: Flower's launcher)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in str(record.msg)
-
-
-def quiet() -> None:
-    """Keep the console to progress and tables: nothing a user cannot act on.
-
-    Flower's debug lines and its run_simulation deprecation notice, MLflow's INFO lines (store
-    migrations, run links) and library deprecation warnings (SQLAlchemy's inside MLflow) go."""
-    flwr = logging.getLogger("flwr")
-    flwr.setLevel(logging.WARNING)
-    if not any(isinstance(f, _DropDeprecation) for f in flwr.filters):
-        flwr.addFilter(_DropDeprecation())
-    for name in ("mlflow", "alembic", "sqlalchemy"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", module="mlflow")
-    warnings.filterwarnings("ignore", message=".*noload.*")
 
 
 def interrupted(run_dir: Path | None = None) -> None:
