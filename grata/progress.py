@@ -46,7 +46,7 @@ class Progress:
         self.info.update(info)
         if self.bar is not None:
             self.bar.update(self.task, advance=n, info=_fmt(self.info))
-        elif self.done % self.every == 0 or self.done == self.total:
+        elif self.done % self.every == 0 and self.done < self.total:  # the end is the logging line below
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
             print(f"{self.label} {self.done}/{self.total} [{elapsed:5.0f}s, eta {eta:4.0f}s] {_fmt(self.info)}",
@@ -67,8 +67,11 @@ class Progress:
         self.closed = True
         if self.bar is not None:
             self.bar.stop()
-        LOG.info("%s: %d/%d in %.0f s %s", self.label, self.done, self.total, time.perf_counter() - self.start,
-                 _fmt(self.info))
+        line = f"{self.label}: {self.done}/{self.total} in {time.perf_counter() - self.start:.0f} s {_fmt(self.info)}"
+        if LOG.isEnabledFor(logging.INFO) and logging.getLogger().handlers:
+            LOG.info(line)  # the console and, under Hydra, the run's job log
+        elif not self.tty:
+            print(line, file=self.stream, flush=True)
 
     def __enter__(self) -> "Progress":
         return self

@@ -116,6 +116,9 @@ class Tracker:
         # a dead server must cost seconds, not MLflow's default minutes of retries, per call
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # MLflow's sqlite store trips SQLAlchemy's `noload` deprecation on first use; nothing a user can
+        # act on. Added here, at first use, because Ray and Flower reset warning filters after start-up.
+        warnings.filterwarnings("ignore", message=".*noload.*")
         self.uri, self.journal, self.offline = tracking_uri(cfg, base), Path(journal), None
         self.run_dir = self.journal.parent
         self.client = MlflowClient(self.uri)
@@ -230,6 +233,7 @@ def log_source_run(cfg: MlflowConfig, base: Path, group: str, summary: dict[str,
                    mean: dict[str, Any], config: dict[str, Any], datasets: dict[str, dict[str, Any]] | None = None) -> str | None:
     """The comparison's baseline: the unadapted source model on the same sites, as one finished run
     named `source <group>` with the variants' metric names. Returns its id (None if MLflow is down)."""
+    warnings.filterwarnings("ignore", message=".*noload.*")  # see Tracker.__init__
     client = MlflowClient(tracking_uri(cfg, base))
     try:
         exp = client.get_experiment_by_name(cfg.experiment)
