@@ -162,7 +162,8 @@ def ensure_source(cfg: TrainSourceConfig, base: Path | None) -> Path:
     """The configured source checkpoint, trained first if it (or its summary) does not exist yet."""
     path = Path(cfg.checkpoint or default_checkpoint(cfg))
     full = path if path.is_absolute() or base is None else base / path
-    if not full.is_file() or not full.with_suffix(".json").is_file():
+    # a model the user names is used as it is; a default path without its summary is a training to finish
+    if not full.is_file() or (not cfg.checkpoint and not full.with_suffix(".json").is_file()):
         print(f"no source model at {full}: training it first")
         train(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=str(full)), base)
     return full

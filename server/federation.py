@@ -192,7 +192,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     sent: list[dict[str, Any]] = []  # the audit: every accepted reply's keys, shapes and sizes
     status, bookkeeping_s, round_s = "FAILED", 0.0, []  # bookkeeping: MLflow writes and the coordinator's saved state
     startup_s = time.perf_counter() - t_start  # sites introduced (in simulation: the engine's workers started)
-    bar = Progress(max(0, rounds - first + 1), f"{variant.value}: rounds")
+    bar = Progress(max(0, rounds - first + 1), f"{variant.value}: rounds", every=rounds + 1)  # off a terminal the round lines say it
     try:
         for rnd in range(first, rounds + 1):
             t0 = time.perf_counter()
