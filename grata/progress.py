@@ -29,6 +29,7 @@ class Progress:
     def __init__(self, total: int, label: str, every: int = 0, stream=None) -> None:
         self.total, self.label, self.done, self.info = max(0, total), label, 0, {}
         self.start, self.closed = time.perf_counter(), False
+        self.last = self.start - 2.0  # when the last plain line was printed
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every = every or max(1, self.total // 10)
@@ -46,8 +47,10 @@ class Progress:
         self.info.update(info)
         if self.bar is not None:
             self.bar.update(self.task, advance=n, info=_fmt(self.info))
-        elif self.done % self.every == 0 and self.done < self.total:  # the end is the logging line below
-            elapsed = time.perf_counter() - self.start
+        elif self.done % self.every == 0 and self.done < self.total and time.perf_counter() - self.last >= 2.0:
+            # a line per tenth of the stage, at most one per 2 s; the end is the logging line below
+            self.last = time.perf_counter()
+            elapsed = self.last - self.start
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
             print(f"{self.label} {self.done}/{self.total} [{elapsed:5.0f}s, eta {eta:4.0f}s] {_fmt(self.info)}",
                   file=self.stream, flush=True)

@@ -15,7 +15,9 @@ from pathlib import Path
 import hydra
 import numpy as np
 from hydra.utils import get_original_cwd
-from omegaconf import OmegaConf
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from grata.train_source import ensure_source
 from server.config import FederateConfig, Variant, resolved
@@ -81,33 +83,26 @@ def method_name(cfg: FederateConfig) -> str:
         return cfg.method.adapter
 
 
-def compare(cfg: FederateConfig, base: Path) -> dict[str, dict]:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(cfg.out_dir)
-    out = (out if out.is_absolute() else base / out) / f"compare-{stamp}"
-    group = out.name  # tag fedgrata.compare and part of every MLflow run name of this comparison
-    print(f"comparison folder: {out}", flush=True)
-    checkpoint = ensure_source(cfg, base)
-    source = source_scores(cfg, checkpoint, base)
+def baseline(cfg: FederateConfig, base: Path, group: str) -> dict[str, dict]:
+    """The unadapted source model on the sites (labelled ones), recorded as the group's `source` run."""
+    source = source_scores(cfg, ensure_source(cfg, base), base)
     if source:
         log_source_run(cfg.mlflow, base, group, source, mean_row(source), resolved(cfg))
-    results = {}
-    for i, name in enumerate(cfg.variants):
-        print(f"\n=== variant {i + 1}/{len(cfg.variants)}: {name} ===", flush=True)
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.federation.variant = Variant[name]
-        run_cfg.mlflow.group = group
-        results[name] = simulate(run_cfg, base, out / name)
+    return source
+
+
+def write_comparison(cfg: FederateConfig, out: Path, results: dict[str, dict], source: dict[str, dict]) -> str:
+    """The comparison table (printed and compare.txt), compare.csv, compare.json and compare.png in `out`."""
     sites = list(cfg.data.sites)
     table = comparison(results, sites, source)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps({**results, **({"source": {"sites": source}} if source else {})},
                                                  indent=2, default=str))
+    rows_of = {**({"source": source} if source else {}), **{n: r["sites"] for n, r in results.items()}}
     with (out / "compare.csv").open("w", newline="") as fh:
         keys = ("dice_mean", "dice_disc", "dice_cup", "dice_proxy", "dp_epsilon")
         w = csv.writer(fh)
         w.writerow(["variant", "site", *keys])
-        rows_of = {**({"source": source} if source else {}), **{n: r["sites"] for n, r in results.items()}}
         for name, by_site in rows_of.items():
             for site, row in {**by_site, "mean": mean_row(by_site)}.items():
                 w.writerow([name, site, *[f"{row[k]:.3f}" if k in row else "" for k in keys]])
@@ -122,7 +117,50 @@ def compare(cfg: FederateConfig, base: Path) -> dict[str, dict]:
     (out / "compare.txt").write_text(table + "\n")
     print("\n" + table)
     print(f"written to {out}; MLflow: {next(iter(results.values()))['mlflow']['uri']}")
+    return table
+
+
+def compare(cfg: FederateConfig, base: Path) -> dict[str, dict]:
+    """One sweep over cfg.variants on the same sites and seed, after the source baseline."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out_dir)
+    out = (out if out.is_absolute() else base / out) / f"compare-{stamp}"
+    group = out.name  # tag fedgrata.compare and part of every MLflow run name of this comparison
+    print(f"comparison folder: {out}", flush=True)
+    source = baseline(cfg, base, group)
+    results = {}
+    for i, name in enumerate(cfg.variants):
+        print(f"\n=== variant {i + 1}/{len(cfg.variants)}: {name} ===", flush=True)
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.federation.variant = Variant[name]
+        run_cfg.mlflow.group = group
+        results[name] = simulate(run_cfg, base, out / name)
+    write_comparison(cfg, out, results, source)
     return results
+
+
+class CompareCallback(Callback):
+    """Hydra's multirun as the comparison: `python -m simulations.run -m federation=local_only,fed_stats,fed_affine`.
+
+    Each job is one variant, all in one MLflow group (the sweep folder's name, see simulations.run);
+    when the sweep ends, the same source run, table and files as simulations.compare, in the sweep folder."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, dict] = {}
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        if job_return.status == JobStatus.COMPLETED and isinstance(job_return.return_value, dict):
+            result = job_return.return_value
+            self.results[str(result.get("variant"))] = result
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if not self.results:
+            return
+        plain = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        cfg: FederateConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FederateConfig), plain))
+        base, out = Path(config.hydra.runtime.cwd), Path(config.hydra.sweep.dir)
+        out = out if out.is_absolute() else base / out
+        write_comparison(cfg, out, self.results, baseline(cfg, base, out.name))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="federate")

@@ -19,6 +19,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
@@ -118,14 +119,16 @@ def task_overrides() -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="federate")
-def main(cfg) -> None:
+def main(cfg) -> dict:
     typed: FederateConfig = OmegaConf.to_object(cfg)  # the dataclass checks run before any work
     quiet()
     base = Path(get_original_cwd())
     if typed.resume:
         typed = resume_config(typed, task_overrides(), base)
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not typed.mlflow.group:  # -m: the sweep is the comparison
+        typed.mlflow.group = Path(HydraConfig.get().sweep.dir).name
     try:
-        simulate(typed, base)
+        return simulate(typed, base)  # Hydra hands it to simulations.compare.CompareCallback in a multirun
     except KeyboardInterrupt:  # inline engine or source training: federate closed its runs as KILLED and said so
         kill_live()
         sys.exit(130)
