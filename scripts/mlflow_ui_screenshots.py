@@ -45,7 +45,7 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def shoot(browser: str, url: str, path: Path, size: str = "1600,1000", budget_ms: int = 20000) -> None:
+def shoot(browser: str, url: str, path: Path, size: str = "1900,1100", budget_ms: int = 60000) -> None:
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
                         f"--virtual-time-budget={budget_ms}", f"--screenshot={path}", url],

@@ -256,8 +256,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
         for name in names.values():
             for png in sorted((run_dir / "sites" / name / "overlays").glob("*.png")):
                 tracker.log_artifact(png, site=name, folder="overlays")
-        tracker.log_summary(summary, mean_row(summary), 
-                             step=max((r["round"] for s in coord.sites.values() for r in s.rounds), default=0))
+        tracker.log_summary(summary, mean_row(summary))
         tracker.finish(status)
         if status != "FINISHED":
             print(f"{variant.value}: {status} (MLflow runs marked {status})\nrun folder: {run_dir}\n"

@@ -191,8 +191,9 @@ class Tracker:
         self._do({"kind": "metrics", "site": None, "step": rnd, "metrics": values},
                  lambda: self.client.log_batch(self.parent, metrics=[Metric(k, v, stamp, rnd) for k, v in values.items()]))
 
-    def log_summary(self, summary: dict[str, dict[str, Any]], mean: dict[str, Any], step: int) -> None:
-        """The figures the console's tables report: per site over its whole stream, and their mean."""
+    def log_summary(self, summary: dict[str, dict[str, Any]], mean: dict[str, Any], step: int = 0) -> None:
+        """The figures the console's tables report: per site over its whole stream, and their mean.
+        One value each, at step 0 like the source run's: the UI's chart view draws them as bars."""
         stamp = int(time.time() * 1000)
         for site, row in summary.items():
             values = stream_metrics(row)

@@ -87,7 +87,10 @@ def baseline(cfg: FederateConfig, base: Path, group: str) -> dict[str, dict]:
     """The unadapted source model on the sites (labelled ones), recorded as the group's `source` run."""
     source = source_scores(cfg, ensure_source(cfg, base), base)
     if source:
-        log_source_run(cfg.mlflow, base, group, source, mean_row(source), resolved(cfg))
+        datasets = {site: {"kind": cfg.data.kind, "source": f"{cfg.data.kind}:{site}", "images": row["images"],
+                           "labelled": True, "split": cfg.data.site_split, "size": cfg.data.size}
+                    for site, row in source.items()}
+        log_source_run(cfg.mlflow, base, group, source, mean_row(source), resolved(cfg), datasets)
     return source
 
 
