@@ -28,6 +28,7 @@ def quiet() -> None:
         flwr.addFilter(_DropDeprecation())
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.ERROR)  # its thread and accelerator notices are about Ray, not the run
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -94,7 +94,13 @@ def simulate(cfg: FederateConfig, base: Path, run_dir: Path | None = None) -> di
         # The coordinator runs in Flower's server thread, which a KeyboardInterrupt in this (main) thread
         # would not stop: it would wait on its round for minutes. So: close the records, then leave.
         interrupted(run_dir)
-        os._exit(130)  # Ray's processes share this one's fate and end with it
+        try:  # Ray's own processes (raylet, agents, workers): it knows their ids and stops exactly those
+            import ray
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:  # noqa: BLE001 - leaving matters more than a clean engine
+            pass
+        os._exit(130)
 
     previous = signal.signal(signal.SIGINT, stop_now)
     try:
