@@ -131,3 +131,83 @@ def test_guard_state_survives_a_new_adapter(tiny_model):
     for x in xs[2:]:
         torch.testing.assert_close(a.adapt_and_predict(x), b.adapt_and_predict(x))
         assert a.last_step == b.last_step
+
+
+SECOND_ROUND = """
+import json, sys
+from client.site import Site, SiteConfig, open_site_data
+spec = json.load(open(sys.argv[1]))
+cfg = SiteConfig(**spec["site_config"])
+out = Site("gamma", open_site_data(cfg, "gamma"), spec["state"], cfg, spec["checkpoint"]).run_round(2)
+print(json.dumps(out["metrics"]))
+"""
+
+
+def test_one_method_on_every_path_across_a_process_restart(tmp_path, checkpoint):
+    """simulations.evaluate and a federation site (round 2 in a new process) predict the same images the
+    same way with the default preset: per-round Dice and quality equal evaluate's per-image records."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from client.site import Site, SiteConfig, chunk, open_site_data
+    from grata.config import DataConfig, MethodConfig
+    from grata.models import load_checkpoint
+    from simulations.evaluate import evaluate_method
+    from tests.conftest import tiny_config
+
+    preset = yaml.safe_load(Path("conf/method/fedgrata.yaml").read_text())
+    options = {**preset["options"], "guard_warmup": 1}  # the guard's state is live from the first image on
+    cfg = tiny_config(tmp_path, checkpoint)
+    data = {**cfg.data.__dict__, "sites": ["gamma"], "targets": ["gamma"], "target_split": "test"}
+    site_cfg = SiteConfig(data=data, adapter=preset["adapter"], options=options, rounds=2, overlays=0)
+    model, meta = load_checkpoint(checkpoint)
+    _, rows = evaluate_method("fedgrata", MethodConfig(preset["adapter"], options), model, DataConfig(**data), None,
+                              seed=0, shift_reference=meta["shift_reference"], quality=meta["quality"])
+    first = Site("gamma", open_site_data(site_cfg, "gamma"), tmp_path / "state", site_cfg, checkpoint).run_round(1)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"site_config": site_cfg.__dict__, "state": str(tmp_path / "state"),
+                                "checkpoint": str(checkpoint)}))
+    done = subprocess.run([sys.executable, "-c", SECOND_ROUND, str(spec)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    second = json.loads(done.stdout.strip().splitlines()[-1])
+    for rnd, metrics in ((1, first["metrics"]), (2, second)):
+        images = [rows[i] for i in chunk(len(rows), 2, rnd)]
+        assert metrics["dice_mean"] == pytest.approx(np.mean([r["dice_mean"] for r in images]), abs=1e-9)
+        assert metrics["dice_proxy"] == pytest.approx(np.mean([r["quality"] for r in images]), abs=1e-9)
+
+
+def agreement_quality() -> dict:
+    """Estimated Dice = the prediction's mean agreement with the source model's perturbed references."""
+    names = list(FEATURES)
+    coef = [0.0] * len(names)
+    coef[names.index("disc_agreement")] = coef[names.index("cup_agreement")] = 0.5
+    return QualityModel(names, [0.0] * len(names), [1.0] * len(names), coef, 0.0).to_dict()
+
+
+def test_a_collapsing_site_in_the_federation_falls_back_is_flagged_and_its_guard_spans_rounds(tmp_path, checkpoint):
+    """Tent with a runaway rate at one site: every image is answered by the source model (fallback), the
+    coordinator flags the site, and the guard, whose warm-up (3 images) spans two rounds of 2 images
+    each in new Site objects, fires in round 2: its state survived the restart."""
+    from grata.models import load_checkpoint, save_checkpoint
+    from tests.conftest import run_tiny
+
+    model, meta = load_checkpoint(checkpoint)
+    collapsing = tmp_path / "source.pt"
+    save_checkpoint(collapsing, model, shift_reference=meta["shift_reference"], quality=agreement_quality())
+    collapsing.with_suffix(".json").write_text("{}")
+    result, grid = run_tiny(tmp_path, collapsing, "method=tent", "method.options.lr=1.0", "method.options.bn=source",
+                            "+method.options.fallback=true", "+method.options.guard=1.0",
+                            "+method.options.guard_warmup=3", "federation.reset_on_drop=false")
+    by_round: dict[int, list] = {}
+    for reply in grid.replies:
+        by_round.setdefault(int(reply.metadata.group_id), []).append(reply.content["metrics"])
+    assert sorted(by_round) == [1, 2]
+    for metrics in by_round[1]:
+        assert metrics["fallback_share"] == 1.0 and metrics["guard_resets"] == 0  # still in the guard's warm-up
+    assert all(m["guard_resets"] >= 1 for m in by_round[2])  # image 3: only if round 1's guard state was kept
+    assert all(row["flagged"] >= 1 for row in result["sites"].values())
