@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0          # pinned first: the local CPU wheel
-	$(BIN)/pip install -q -e ".[test]"
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e ".[test]"   # setuptools' editable-install notice is not for users
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -18,7 +18,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The main job: local_only, fed_stats and fed_affine across four synthetic sites (Flower simulation, MLflow in ./mlflow.db)
+# The main job: the source row, then local_only, fed_stats and fed_affine across four synthetic sites (Flower
+# simulations, MLflow in ./mlflow.db); the first run trains the small source model (README: Quickstart)
 demo: $(STAMP)
 	$(BIN)/python -m simulations.compare
 
@@ -43,7 +44,7 @@ evaluate-fundus: $(STAMP)
 federate-fundus: $(STAMP)
 	$(BIN)/python -m simulations.compare data=fundus
 
-# The same federation through Flower's own launcher (`flwr run .`), with the run's true status
+# The same federation through Flower's own launcher (`flwr run .`, its own SuperLink, one SuperNode per site), live log, true status
 flwr-run: $(STAMP)
 	$(BIN)/python -m simulations.flwr_local $(ARGS)
 
