@@ -25,3 +25,28 @@ def test_compare_has_a_source_row_disc_cup_split_and_one_mlflow_group(tmp_path, 
     assert {r.data.tags["fedgrata.variant"] for r in runs} == {"source", "local_only", "fed_affine"}
     assert {r.data.tags["fedgrata.compare"] for r in runs} == {folder.name}
     assert sorted(r.info.run_name for r in runs) == sorted(f"{v} {folder.name}" for v in ("source", "local_only", "fed_affine"))
+
+
+def test_hydra_multirun_ends_in_the_same_comparison(tmp_path, checkpoint):
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from server.config import resolved
+    from simulations.compare import CompareCallback
+    from tests.conftest import run_tiny
+
+    callback = CompareCallback()
+    for variant in ("local_only", "fed_affine"):  # what each multirun job returns (simulations.run's main)
+        result, _ = run_tiny(tmp_path, checkpoint, f"federation={variant}", "federation.rounds=1")
+        job = JobReturn()
+        job.status, job.return_value = JobStatus.COMPLETED, result
+        callback.on_job_end(OmegaConf.create({}), job)
+    cfg = tiny_config(tmp_path, checkpoint, "federation.rounds=1")
+    sweep = tmp_path / "multirun" / "compare-test"
+    config = OmegaConf.create({**resolved(cfg), "hydra": {"runtime": {"cwd": str(tmp_path)}, "sweep": {"dir": str(sweep)}}})
+    callback.on_multirun_end(config)
+    table = (sweep / "compare.txt").read_text().splitlines()
+    assert [line.split()[0] for line in table[3:6]] == ["source", "local_only", "fed_affine"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
+    assert any(r.info.run_name == "source compare-test" for r in runs)
