@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.optimize import nnls
 from scipy.spatial import ConvexHull, QhullError
 
 STRUCTURES = ("disc", "cup")
@@ -189,7 +190,7 @@ FEATURES = ("disc_expected", "cup_expected", "disc_agreement", "cup_agreement")
 # --- the calibrated estimate --------------------------------------------------------------------------
 @dataclass
 class QualityModel:
-    """Features -> estimated mean Dice (0-100): a ridge regression on standardised features.
+    """Features -> estimated mean Dice (0-100): a non-negative ridge regression on standardised features.
 
     Stored with the checkpoint as a plain dict (`to_dict`), fitted by `fit` on source images only.
     """
@@ -226,7 +227,10 @@ class QualityModel:
         y = np.asarray(dice, dtype=float)
         mean, scale = x.mean(0), x.std(0) + 1e-9
         z = (x - mean) / scale
-        coef = np.linalg.solve(z.T @ z + alpha * np.eye(len(names)), z.T @ (y - y.mean()))
+        # every signal is "higher is better" by construction: a negative weight would only fit the collinearity
+        # of the calibration shifts (measured: the synthetic source's unconstrained fit put -23 on cup_expected)
+        coef, _ = nnls(np.vstack([z, math.sqrt(alpha) * np.eye(len(names))]),
+                       np.concatenate([y - y.mean(), np.zeros(len(names))]))
         return cls(names, mean.tolist(), scale.tolist(), coef.tolist(), float(y.mean()), {"samples": len(y)})
 
 
