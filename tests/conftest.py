@@ -81,10 +81,11 @@ class RecordingGrid(InlineGrid):
         super().__init__(*args, **kw)
         self.replies = []
 
-    def pull_messages(self, message_ids):
-        replies = list(super().pull_messages(message_ids))
-        self.replies += [r for r in replies if r.metadata.message_type == "train"]
-        return replies
+    def _handle(self, msg):  # every reply that left a site, also one a round timeout then left out
+        reply = super()._handle(msg)
+        if reply.metadata.message_type == "train":
+            self.replies.append(reply)
+        return reply
 
 
 def run_tiny(tmp: Path, checkpoint: Path, *overrides: str) -> tuple[dict, "RecordingGrid"]:
