@@ -53,10 +53,10 @@ class Tracker:
         self.uri, self.journal, self.offline = tracking_uri(cfg, base), Path(journal), None
         self.client = MlflowClient(self.uri)
         self.parent, self.children = None, {}
+        self.logged: dict[str, int] = {}  # resume: run id -> the last step already in the store
         if runs is not None:
             self.parent, self.children = runs[0], dict(runs[1])
-            self._do({"kind": "resume", "parent": self.parent},
-                     lambda: [self.client.update_run(r, "RUNNING") for r in [self.parent, *self.children.values()] if r])
+            self._do({"kind": "resume", "parent": self.parent}, self._reopen)
             return
         record = {"kind": "start", "variant": variant, "sites": sites, "params": flatten(config)}
         self._do(record, lambda: self._open(cfg, variant, config, sites))
@@ -79,6 +79,16 @@ class Tracker:
             tags = {"mlflow.parentRunId": self.parent, "fedgrata.site": site, "fedgrata.variant": variant}
             self.children[site] = self.client.create_run(exp_id, run_name=f"{variant} / {site}", tags=tags).info.run_id
 
+    def _reopen(self) -> None:
+        """Back to RUNNING, and note each run's last logged step: a coordinator stopped between its MLflow
+        write and its saved state redoes that round, and the round must not be logged twice."""
+        for run_id in [self.parent, *self.children.values()]:
+            if run_id:
+                self.client.update_run(run_id, "RUNNING")
+                keys = self.client.get_run(run_id).data.metrics
+                self.logged[run_id] = max((m.step for k in keys for m in self.client.get_metric_history(run_id, k)),
+                                          default=0)
+
     def _do(self, record: dict[str, Any], write) -> None:
         """Write to MLflow while it answers; otherwise (and from the first failure on) to the journal."""
         if self.offline is None:
@@ -97,10 +107,14 @@ class Tracker:
     def log_round(self, rnd: int, per_site: dict[str, dict[str, float]], means: dict[str, float]) -> None:
         stamp = int(time.time() * 1000)
         for site, metrics in per_site.items():
+            if rnd <= self.logged.get(self.children.get(site), 0):
+                continue
             values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             batch = [Metric(k, v, stamp, rnd) for k, v in values.items()]
             self._do({"kind": "metrics", "site": site, "step": rnd, "metrics": values},
                      lambda: batch and self.client.log_batch(self.children[site], metrics=batch))
+        if rnd <= self.logged.get(self.parent, 0):
+            return
         self._do({"kind": "metrics", "site": None, "step": rnd, "metrics": means},
                  lambda: self.client.log_batch(self.parent, metrics=[Metric(k, float(v), stamp, rnd) for k, v in means.items()]))
 

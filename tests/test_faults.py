@@ -329,31 +329,54 @@ def test_a_real_mlflow_server_receives_the_run_over_http(tmp_path, checkpoint):
         server.wait(timeout=30)
 
 
-def test_an_interrupted_run_resumes_without_losing_finished_rounds(tmp_path, checkpoint):
+def test_an_interrupted_run_resumes_without_losing_finished_rounds(tmp_path, checkpoint, monkeypatch):
+    """The worst moment: round 3's replies are in (the sites spent privacy on them) and logged to MLflow,
+    and the coordinator dies before its state for round 3 is saved. Resumed by a new coordinator
+    process (new node ids, sites in another order), round 3 is asked again: each site must resend the
+    same reply (no new release, no new privacy cost) and MLflow must not get step 3 twice."""
+    import server.federation as fed
+
     cfg = tiny_config(tmp_path, checkpoint, "federation=fed_stats", "federation.rounds=3", "data.synthetic_test=6")
     run_dir = tmp_path / "runs" / "interrupted"
-    grid = grid_for(client_app)
-    push = grid.push_messages
+    real_save = fed.save_progress
 
-    def crash_in_round_3(messages):
-        messages = list(messages)
-        if any(m.metadata.message_type == "train" and m.metadata.group_id == "3" for m in messages):
+    def die_before_saving_round_3(run_dir, rnd, *args):
+        if rnd == 3:
             raise KeyboardInterrupt  # the coordinator's process is stopped
-        return push(messages)
+        return real_save(run_dir, rnd, *args)
 
-    grid.push_messages = crash_in_round_3
+    monkeypatch.setattr(fed, "save_progress", die_before_saving_round_3)
+    grid = grid_for(client_app)
     with pytest.raises(KeyboardInterrupt):
         federate(grid, cfg, tmp_path, run_dir)
-    again = grid_for(client_app)  # a new coordinator process, new node ids
+    monkeypatch.setattr(fed, "save_progress", real_save)
+    first = {reply.content["site"]["name"]: reply for reply in grid.replies if reply.metadata.group_id == "3"}
+    assert set(first) == {"colour_cast", "gamma"}  # both sites did round 3 before the crash
+
+    again = grid_for(client_app, first_id=500, order=[1, 0])  # a new coordinator process: other ids and order
     result = federate(again, load_config_like(cfg, f"resume={run_dir}"), tmp_path, run_dir, resume=True)
-    assert sorted(int(r.metadata.group_id) for r in again.replies) == [3, 3]  # only the unfinished round ran
+    assert sorted(int(r.metadata.group_id) for r in again.replies) == [3, 3]  # only the unsaved round ran again
+    for reply in again.replies:
+        before = first[reply.content["site"]["name"]]
+        assert dict(reply.content["metrics"]) == dict(before.content["metrics"])
+        assert dict(reply.content["privacy"]) == dict(before.content["privacy"])
+        for key, array in reply.content["stats"].to_torch_state_dict().items():  # the same noise: no new release
+            assert torch.equal(array, before.content["stats"].to_torch_state_dict()[key]), key
+    for name in ("colour_cast", "gamma"):
+        state = torch.load(run_dir / "sites" / name / "site.pt", weights_only=False)
+        assert sum(step[2] for step in state["privacy_history"]) == 3  # three releases accounted, not four
     assert all(site["rounds"] == 3 and site["images"] == 6 for site in result["sites"].values())
+
     client, children = child_runs(tmp_path)
     parents = [r for r in client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
                if "fedgrata.site" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same MLflow runs went on
+    assert [m.step for m in client.get_metric_history(parents[0].info.run_id, "dice_proxy")] == [1, 2, 3]
+    for child in children.values():
+        for key in ("dice_proxy", "dp_epsilon", "images"):
+            assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == [1, 2, 3], key
     eps = client.get_metric_history(children["gamma"].info.run_id, "dp_epsilon")
-    assert [m.step for m in eps] == [1, 2, 3] and eps[-1].value <= 8.0
+    assert eps[-1].value <= 8.0
     with pytest.raises(ValueError, match="another configuration"):
         federate(grid_for(client_app), load_config_like(cfg, "federation.rounds=4"), tmp_path, run_dir, resume=True)
 
