@@ -386,3 +386,87 @@ def load_config_like(cfg, *extra):
     tmp = Path(cfg.out_dir).parent
     return tiny_config(tmp, Path(cfg.checkpoint), "federation=fed_stats", "federation.rounds=3",
                        "data.synthetic_test=6", *extra)
+
+
+def test_a_site_refuses_to_send_what_its_own_audit_rejects(tmp_path, checkpoint, monkeypatch, capsys):
+    """A bug at the site puts an image into its reply before the site's own audit: the site must fail
+    closed (an error reply, no content), not rely on the coordinator to throw it away."""
+    import client.client_app as ca
+
+    real = ca.reply_content
+
+    def leaky(name, out):
+        content = real(name, out)
+        if name == "gamma":
+            content["images"] = ArrayRecord({"0.raw": torch.rand(3, 32, 32)})
+        return content
+
+    monkeypatch.setattr(ca, "reply_content", leaky)
+    cfg = tiny_config(tmp_path, checkpoint, "federation=fed_affine")
+    grid = grid_for(client_app)
+    result = federate(grid, cfg, tmp_path)
+    leaked = [r for r in grid.replies if r.metadata.src_node_id == 101]
+    assert len(leaked) == 2
+    for reply in leaked:  # what left the site: an error with no records at all
+        assert reply.has_error() and not reply.has_content()
+        assert "not allowed" in reply.error.reason and "images" in reply.error.reason
+    assert all(not r.has_error() for r in grid.replies if r.metadata.src_node_id == 100)
+    assert result["sites"]["gamma"]["failures"] == 2 and result["sites"]["colour_cast"]["failures"] == 0
+    audited = json.loads((Path(result["run_dir"]) / "audit.json").read_text())
+    assert {e["site"] for e in audited["replies"]} == {"colour_cast"}
+
+
+def test_a_flagged_site_is_reset_and_left_out_of_the_average(tmp_path, checkpoint):
+    """fed_affine, three rounds. Site 1 reports a proxy that fell 50 points in round 2: the coordinator
+    flags it, averages round 2 without its parameters, orders it back to the source model in round 3,
+    and the site does start round 3 from the source model."""
+    def drop(pid, rnd, msg, context):
+        if pid != 1 or rnd != 2:
+            return None
+        reply = client_app(msg, context)
+        metrics = dict(reply.content["metrics"])
+        metrics["dice_proxy"] -= 50.0
+        reply.content["metrics"] = MetricRecord(metrics)
+        return Message(reply.content, reply_to=msg)
+
+    cfg = tiny_config(tmp_path, checkpoint, "federation=fed_affine", "federation.rounds=3", "data.synthetic_test=6")
+    grid = grid_for(FaultyApp(drop))
+    sent = []
+    push = grid.push_messages
+    grid.push_messages = lambda messages: push([sent.append(m) or m for m in messages])
+    result = federate(grid, cfg, tmp_path)
+    gamma = result["sites"]["gamma"]
+    assert gamma["flagged"] == 1 and gamma["resets"] == 1 and gamma["failures"] == 0
+    assert result["sites"]["colour_cast"]["flagged"] == 0
+
+    def train_to(nid, rnd):
+        return next(m for m in sent if m.metadata.message_type == "train" and m.metadata.dst_node_id == nid
+                    and m.metadata.group_id == str(rnd))
+
+    def affine(record):
+        return record["affine"].to_torch_state_dict()
+
+    # round 2 went out with both sites' round-1 parameters averaged (equal image counts) ...
+    both = [affine(reply_of(grid, pid, 1).content) for pid in (0, 1)]
+    for key, value in affine(train_to(100, 2).content).items():
+        torch.testing.assert_close(value, (both[0][key] + both[1][key]) / 2, rtol=0, atol=1e-6)
+    # ... round 3 with colour_cast's round-2 parameters alone: the flagged site's were left out
+    own = affine(reply_of(grid, 0, 2).content)
+    for key, value in affine(train_to(100, 3).content).items():
+        assert torch.equal(value, own[key]), key
+    order = train_to(101, 3)
+    assert order.content["config"]["reset"] is True and "affine" not in order.content
+    assert train_to(100, 3).content["config"]["reset"] is False
+
+    # the site obeyed: its round 3 is what a site starting from the source model sends
+    site_cfg = site_config_of(order)
+    fresh = Site("gamma", open_site_data(site_cfg, "gamma"), tmp_path / "fresh", site_cfg, checkpoint).run_round(3)
+    got = affine(reply_of(grid, 1, 3).content)
+    for i, (w, b) in enumerate(fresh["affine"]):
+        torch.testing.assert_close(got[f"{i}.weight"], w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[f"{i}.bias"], b, rtol=0, atol=1e-6)
+    client, children = child_runs(tmp_path)
+    flagged = client.get_metric_history(children["gamma"].info.run_id, "flagged")
+    resets = client.get_metric_history(children["gamma"].info.run_id, "reset")
+    assert [(m.step, m.value) for m in flagged] == [(1, 0.0), (2, 1.0), (3, 0.0)]
+    assert [(m.step, m.value) for m in resets] == [(1, 0.0), (2, 0.0), (3, 1.0)]
