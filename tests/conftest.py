@@ -22,6 +22,16 @@ class TinyNet(nn.Module):
         return self.body(x)
 
 
+@pytest.fixture(autouse=True)
+def _own_environment():
+    """Each test starts from the same environment: code under test may set variables (the MLflow tracker
+    sets its retry bounds with setdefault), and a later test must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)

@@ -184,12 +184,51 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, checkpoint):
     assert (tmp_path / "state" / "site.pt").is_file()  # its state lives where its node config says
 
 
+class Unavailable:
+    """An HTTP endpoint on a port it binds itself that answers every request 503 and counts them."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                outer.requests += 1
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_an_unreachable_mlflow_does_not_stop_the_federation(tmp_path, checkpoint, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    cfg = tiny_config(tmp_path, checkpoint, "mlflow.tracking_uri=http://127.0.0.1:9")  # nothing listens there
-    with pytest.warns(RuntimeWarning, match="127.0.0.1:9"):
-        result = federate(grid_for(client_app), cfg, tmp_path)
+    """With the tracker's own retry settings (none set by the test): MLflow's default of 7 retries with
+    exponential back-off would take minutes per call; the tracker's must give up after one retry, once."""
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    store = Unavailable()
+    try:
+        cfg = tiny_config(tmp_path, checkpoint, f"mlflow.tracking_uri={store.uri}")
+        with pytest.warns(RuntimeWarning, match=store.uri) as warned:
+            result = federate(grid_for(client_app), cfg, tmp_path)
+    finally:
+        store.close()
+    assert store.requests == 2  # the first call and one retry; from then on nothing is sent
+    assert len([w for w in warned if "unreachable" in str(w.message)]) == 1  # one warning, not one per record
     assert result["mlflow"]["offline"] and result["mlflow"]["parent_run_id"] is None
     assert result["sites"]["gamma"]["rounds"] == 2  # the federation went on
     journal = [json.loads(line) for line in (Path(result["run_dir"]) / "mlflow_offline.jsonl").read_text().splitlines()]
@@ -283,37 +322,43 @@ def test_a_stalled_site_is_bounded_by_the_round_timeout(tmp_path, checkpoint):
     assert all(got[k] == pytest.approx(expected["metrics"][k], rel=1e-6, abs=1e-9) for k in ROUND_KEYS)
 
 
-def free_port() -> int:
+def start_mlflow_server(tmp_path, attempts: int = 3):
+    """`mlflow server` on a free port; a port taken between picking and binding costs a retry, not the test."""
     import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_real_mlflow_server_receives_the_run_over_http(tmp_path, checkpoint):
     import subprocess
     import sys
     import time
     import urllib.request
 
-    port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                               "--artifacts-destination", str(tmp_path / "server_artifacts")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                                   "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                                   "--artifacts-destination", str(tmp_path / "server_artifacts")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120  # a safety net; the usual start is seconds
+        while server.poll() is None and time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
+                return server, f"http://127.0.0.1:{port}"
             except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("mlflow server did not start")
                 time.sleep(0.5)
-        uri = f"http://127.0.0.1:{port}"
+        server.kill()
+        server.wait()
+    pytest.fail(f"mlflow server did not start in {attempts} attempts")
+
+
+def stop(server) -> None:
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_a_real_mlflow_server_receives_the_run_over_http_and_may_go_down(tmp_path, checkpoint, monkeypatch):
+    server, uri = start_mlflow_server(tmp_path)
+    try:
         cfg = tiny_config(tmp_path, checkpoint, f"mlflow.tracking_uri={uri}", "mlflow.overlays=0")
         result = federate(grid_for(client_app), cfg, tmp_path)
         assert result["mlflow"]["offline"] is None
@@ -324,9 +369,39 @@ def test_a_real_mlflow_server_receives_the_run_over_http(tmp_path, checkpoint):
         assert [m.step for m in client.get_metric_history(child.info.run_id, "dice_mean")] == [1, 2]
         parent = next(r for r in runs if "fedgrata.site" not in r.data.tags)
         assert "sites.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}  # artifacts over HTTP too
+
+        # The same store goes down after the run started: after round 1 was logged, before round 2.
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # the tracker's own retry bound
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+        grid = grid_for(client_app)
+        push = grid.push_messages
+
+        def down_in_round_2(messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == "train" and m.metadata.group_id == "2" for m in messages):
+                stop(server)
+            return push(messages)
+
+        grid.push_messages = down_in_round_2
+        cfg = tiny_config(tmp_path, checkpoint, f"mlflow.tracking_uri={uri}", "mlflow.overlays=0",
+                          "mlflow.run_name=goes_down")
+        with pytest.warns(RuntimeWarning, match="unreachable") as warned:
+            result = federate(grid, cfg, tmp_path)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if server.poll() is None:
+            stop(server)
+    assert len([w for w in warned if "unreachable" in str(w.message)]) == 1
+    assert result["sites"]["gamma"]["rounds"] == 2 and result["mlflow"]["offline"]
+    store = MlflowClient(f"sqlite:///{tmp_path}/server.db")  # what reached the server before it went down
+    runs = store.search_runs([store.get_experiment_by_name("fedgrata").experiment_id])
+    down = {r.data.tags.get("fedgrata.site"): r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("goes_down")
+            or r.data.tags.get("mlflow.parentRunId") == result["mlflow"]["parent_run_id"]}
+    assert set(down) == {None, "colour_cast", "gamma"}
+    assert [m.step for m in store.get_metric_history(down["gamma"].info.run_id, "dice_mean")] == [1]
+    assert down[None].info.status == "RUNNING"  # it never heard the end
+    journal = [json.loads(line) for line in (Path(result["run_dir"]) / "mlflow_offline.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in journal if r["kind"] == "metrics" and r["site"] == "gamma"] == [2]
+    assert journal[-1]["kind"] == "finish" and journal[-1]["status"] == "FINISHED"
 
 
 def test_an_interrupted_run_resumes_without_losing_finished_rounds(tmp_path, checkpoint, monkeypatch):
