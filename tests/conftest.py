@@ -32,6 +32,15 @@ def _own_environment():
     os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _own_rng():
+    """Each test draws from torch's global generator as if it ran alone: seeded at its start, and what
+    it draws does not move the generator for the tests after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
