@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from client.client_app import app as client_app
 from client.protocol import audit
-from client.site import Site, SiteConfig, open_site_data
+from client.site import Site, SiteConfig, load_source, open_site_data
 from grata.models import ModelConfig, ResUNet
 from server.federation import federate
 
@@ -181,3 +181,17 @@ def test_compare_runs_every_variant_on_the_same_sites(tmp_path, checkpoint):
     table = (out / "compare.txt").read_text()
     assert all(v in table for v in results)
     assert (out / "compare.png").is_file() and (out / "compare.csv").is_file()
+
+
+def test_a_site_leaves_the_global_rng_alone(tmp_path, checkpoint):
+    """Sites run side by side in threads (a round with a timeout): a site that seeded or drew from torch's
+    global generator would make its neighbours' draws depend on thread timing."""
+    cfg = tiny_config(tmp_path, checkpoint)
+    site_cfg = SiteConfig(data={**cfg.data.__dict__, "sites": ["gamma"]}, adapter=cfg.method.adapter,
+                          options=dict(cfg.method.options), variant="fed_stats", rounds=2, seed=7, overlays=0)
+    load_source(checkpoint)  # a process's first load builds the model (random init, then overwritten): once
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    site = Site("gamma", open_site_data(site_cfg, "gamma"), tmp_path / "s", site_cfg, checkpoint)
+    site.run_round(1)
+    assert torch.equal(torch.get_rng_state(), before)
