@@ -47,7 +47,7 @@ def test_fed_stats_run_is_recorded_in_mlflow(tmp_path, checkpoint):
 
 
 # What a labelled synthetic site running fedgrata sends each round (README: "What a site sends")
-SITE_METRICS = {"images", "skipped", "seconds", "guard_resets", "dice_proxy", "agreement", "plausibility",
+SITE_METRICS = {"images", "skipped", "seconds", "guard_resets", "dice_proxy", "fallback_share",
                 "align_cos_mean", "align_cos_std", "align_cos_hist", "align_neg_share", "lr_mean", "entropy",
                 "consistency", "dice_disc", "dice_cup", "dice_mean"}
 METRICS = {"local_only": SITE_METRICS, "fed_stats": SITE_METRICS | {"stats_images"}, "fed_affine": SITE_METRICS}
