@@ -11,6 +11,7 @@ from simulations.deploy_local import Deployment
 SIZE = 32
 
 
+@pytest.mark.slow
 def test_tls_deployment_with_registered_nodes(tmp_path, checkpoint):
     overrides = [f"checkpoint={checkpoint}", f"data.size={SIZE}", "data.synthetic_test=4", "model.encoder=resnet18",
                  "model.decoder_width=16", "federation.rounds=2", "federation=fed_stats", "mlflow.overlays=0",

@@ -356,6 +356,7 @@ def stop(server) -> None:
     server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_real_mlflow_server_receives_the_run_over_http_and_may_go_down(tmp_path, checkpoint, monkeypatch):
     server, uri = start_mlflow_server(tmp_path)
     try:
