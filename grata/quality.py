@@ -198,6 +198,11 @@ class QualityModel:
                 "intercept": self.intercept, "info": self.info}
 
     @classmethod
+    def constant(cls, value: float = 50.0) -> "QualityModel":
+        """An estimate that ignores its features: for timing the monitor without a fitted model."""
+        return cls(list(FEATURES), [0.0] * len(FEATURES), [1.0] * len(FEATURES), [0.0] * len(FEATURES), value)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "QualityModel":
         return cls(**d)
 
@@ -283,6 +288,7 @@ class QualityMonitor:
     def __init__(self, model: torch.nn.Module, quality: QualityModel | dict, plan) -> None:
         self.quality = quality if isinstance(quality, QualityModel) else QualityModel.from_dict(quality)
         self.plan = plan
+        self.last_features: dict[str, list[dict[str, float]]] = {}  # per image, of the last assess: for studies
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -299,9 +305,10 @@ class QualityMonitor:
         """(estimated Dice of `logits` [B,2,H,W], of the source model's prediction, the source's logits)."""
         src = self.source_logits(x)
         refs = source_references(self.source_logits, x)
-        est = lambda lg: [self.quality.predict(features(torch.sigmoid(lg[b]).cpu(), [r[b].cpu() for r in refs]))  # noqa: E731
-                          for b in range(x.shape[0])]
-        return est(logits.float()), est(src), src
+        self.last_features = {name: [features(torch.sigmoid(lg[b].float()).cpu(), [r[b].cpu() for r in refs])
+                                     for b in range(x.shape[0])] for name, lg in (("adapted", logits), ("source", src))}
+        est = {name: [self.quality.predict(f) for f in fs] for name, fs in self.last_features.items()}
+        return est["adapted"], est["source"], src
 
 
 def fit_quality(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, limit: int = 80,
