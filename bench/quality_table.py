@@ -18,7 +18,8 @@ from scipy.stats import spearmanr
 
 from grata.quality import FEATURES, QualityModel, derived
 
-SIGNALS = ("estimate", "agreement", "soft_dice", "shape", "disc_agreement", "cup_agreement", "disc_soft_dice",
+SIGNALS = ("estimate", "expected", "agreement", "soft_dice", "shape", "disc_expected", "cup_expected",
+           "disc_agreement", "cup_agreement", "disc_soft_dice",
            "cup_soft_dice", "disc_ellipse", "cup_ellipse", "disc_solidity", "cup_solidity", "cup_in_disc",
            "disc_components", "cup_components", "step_proxy")
 
@@ -79,7 +80,7 @@ def main() -> None:
     else:
         model = QualityModel.fit(calib, [r["dice"] for r in calib], list(FEATURES))
     cells = table(rows, model)
-    sig = ("estimate", "agreement", "soft_dice", "shape", "step_proxy")
+    sig = ("estimate", "expected", "cup_expected", "agreement", "soft_dice", "shape", "step_proxy")
     print(f"{'method/target':<24}{'n':>4}{'dice':>7}{'est':>7}" + "".join(f"{s[:10]:>11}" for s in sig))
     for key, c in cells.items():
         print(f"{key:<24}{c['images']:>4}{c['dice']:>7.1f}{c['estimate']:>7.1f}" + "".join(f"{c['rho_' + s]:>11.2f}" for s in sig))
