@@ -21,7 +21,7 @@ import torch
 
 from bench.common import peak_rss_mib, publish, rss_mib, spread, table, timed
 
-METHODS = ("source", "bn", "tent", "sar", "grata_paper", "fedgrata")
+METHODS = ("source", "source_views", "bn", "tent", "sar", "grata_paper", "fedgrata", "fedgrata_fallback")
 CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
 
 

@@ -103,7 +103,8 @@ class Site:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         model, meta, _ = load_source(model_path)
-        torch.manual_seed(cfg.seed)
+        # no global torch.manual_seed here: sites run side by side in threads (InlineGrid with a round
+        # timeout), and the adapter draws its augmentations from its own seeded generator
         self.adapter: Adapter = build_adapter(cfg.adapter, model, seed=cfg.seed, shift_reference=meta.get("shift_reference"),
                                               quality=meta.get("quality"), **cfg.options)
         if self.adapter.monitor is None:

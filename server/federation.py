@@ -218,7 +218,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                 if release is not None:
                     coord.add_release(*release)
                 needs_model.discard(nid)
-                flagged = coord.observe(name, rnd, metrics)
+                flagged = coord.observe(name, rnd, {**metrics, "reset": float(resets[name])})  # counted in the summary
                 if layers is not None and not flagged:  # a drifting site's parameters are not averaged in
                     affine[name] = (layers, coord.affine_weight(metrics))
                 per_site[name] = {**metrics, "flagged": float(flagged), "reset": float(resets[name])}

@@ -123,12 +123,12 @@ class Tracker:
         self.run_dir = self.journal.parent
         self.client = MlflowClient(self.uri)
         self.parent, self.children, self.closed = None, {}, False
+        self.logged: dict[str, int] = {}  # resume: run id -> the last step already in the store
         with _LIVE_LOCK:
             LIVE.append(self)
         if runs is not None:
             self.parent, self.children = runs[0], dict(runs[1])
-            self._do({"kind": "resume", "parent": self.parent},
-                     lambda: [self.client.update_run(r, "RUNNING") for r in [self.parent, *self.children.values()] if r])
+            self._do({"kind": "resume", "parent": self.parent}, self._reopen)
             return
         record = {"kind": "start", "variant": variant, "sites": sites, "params": flatten(config), "group": group}
         self._do(record, lambda: self._open(cfg, variant, config, sites, group, datasets or {}))
@@ -164,6 +164,16 @@ class Tracker:
             if site in datasets:
                 self.client.log_inputs(child, [dataset_input(site, datasets[site])])
 
+    def _reopen(self) -> None:
+        """Back to RUNNING, and note each run's last logged step: a coordinator stopped between its MLflow
+        write and its saved state redoes that round, and the round must not be logged twice."""
+        for run_id in [self.parent, *self.children.values()]:
+            if run_id:
+                self.client.update_run(run_id, "RUNNING")
+                keys = self.client.get_run(run_id).data.metrics
+                self.logged[run_id] = max((m.step for k in keys for m in self.client.get_metric_history(run_id, k)),
+                                          default=0)
+
     def _do(self, record: dict[str, Any], write) -> None:
         """Write to MLflow while it answers; otherwise (and from the first failure on) to the journal."""
         if self.offline is None:
@@ -183,10 +193,14 @@ class Tracker:
         """The per-round series, as round/<metric> at step = round (the stream-level figures come at the end)."""
         stamp = int(time.time() * 1000)
         for site, metrics in per_site.items():
+            if rnd <= self.logged.get(self.children.get(site), 0):  # already in the store before a resume
+                continue
             values = {f"round/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             batch = [Metric(k, v, stamp, rnd) for k, v in values.items()]
             self._do({"kind": "metrics", "site": site, "step": rnd, "metrics": values},
                      lambda: batch and self.client.log_batch(self.children[site], metrics=batch))
+        if rnd <= self.logged.get(self.parent, 0):
+            return
         values = {f"round/{k}": float(v) for k, v in means.items()}
         self._do({"kind": "metrics", "site": None, "step": rnd, "metrics": values},
                  lambda: self.client.log_batch(self.parent, metrics=[Metric(k, v, stamp, rnd) for k, v in values.items()]))

@@ -65,14 +65,33 @@ class Deployment:
                     make_node_keys(self.certs, i)
             tls = ["--ssl-ca-certfile", str(self.certs / "ca.pem"), "--ssl-certfile", str(self.certs / "superlink.pem"),
                    "--ssl-keyfile", str(self.certs / "superlink.key"), "--enable-supernode-auth"]
-        self._start("superlink", [str(BIN / "flower-superlink"), "--port", str(self.port), "--isolation", "subprocess",
-                                  "--disable-runtime-dependency-installation", "--database", str(self.dir / "superlink.db"),
-                                  *(["--insecure"] if self.insecure else tls)])
+        for _ in range(3):  # a port taken between picking and binding costs a retry on another port
+            proc = self._start("superlink", [str(BIN / "flower-superlink"), "--port", str(self.port), "--isolation",
+                                             "subprocess", "--disable-runtime-dependency-installation",
+                                             "--database", str(self.dir / "superlink.db"),
+                                             *(["--insecure"] if self.insecure else tls)])
+            if self.listening(proc):
+                break
+            self.port = free_port()
+        else:
+            raise RuntimeError(f"the SuperLink did not start; see {self.logs / 'superlink.log'}")
         conn = f'address = "127.0.0.1:{self.port}"\n' + ("insecure = true\n" if self.insecure else
                                                        f'root-certificates = "{self.certs / "ca.pem"}"\n')
         (self.dir / "flwr").mkdir(exist_ok=True)
         (self.dir / "flwr" / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n{conn}')
-        self.wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), timeout=1).close() or True, "superlink")
+
+    def listening(self, proc: subprocess.Popen, timeout: float = 60) -> bool:
+        """True once `proc` accepts connections on self.port; False if it exits first (e.g. the port was taken)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return proc.poll() is None
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"superlink did not come up within {timeout:.0f} s")
 
     def register(self, index: int) -> None:
         out = self.flwr("supernode", "register", str(self.certs / f"node{index}.pub"), "deploy")

@@ -22,6 +22,25 @@ class TinyNet(nn.Module):
         return self.body(x)
 
 
+@pytest.fixture(autouse=True)
+def _own_environment():
+    """Each test starts from the same environment: code under test may set variables (the MLflow tracker
+    sets its retry bounds with setdefault), and a later test must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _own_rng():
+    """Each test draws from torch's global generator as if it ran alone: seeded at its start, and what
+    it draws does not move the generator for the tests after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
@@ -88,10 +107,11 @@ class RecordingGrid(InlineGrid):
         super().__init__(*args, **kw)
         self.replies = []
 
-    def pull_messages(self, message_ids):
-        replies = list(super().pull_messages(message_ids))
-        self.replies += [r for r in replies if r.metadata.message_type == "train"]
-        return replies
+    def _handle(self, msg):  # every reply that left a site, also one a round timeout then left out
+        reply = super()._handle(msg)
+        if reply.metadata.message_type == "train":
+            self.replies.append(reply)
+        return reply
 
 
 def run_tiny(tmp: Path, checkpoint: Path, *overrides: str) -> tuple[dict, "RecordingGrid"]:

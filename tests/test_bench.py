@@ -1,5 +1,6 @@
 """The benchmark suite's pieces measure what they say (timings are printed by bench/, never asserted)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,9 +23,23 @@ def test_results_carry_the_machine(tmp_path):
 
 
 def test_every_method_preset_is_benchmarked():
+    """The presets are read from conf/method/ itself, not from the benchmark's own list."""
+    presets = {p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml")}
+    assert {"source", "source_views", "fedgrata", "grata_paper"} <= presets  # the folder is where we think
+    missing = presets - set(METHODS)
+    assert not missing, f"presets the step benchmark leaves out: {sorted(missing)}"
     for name in METHODS:
         adapter, options = method_options(name)
         assert adapter in ("source", "bn", "tent", "sar", "grata") and isinstance(options, dict)
+
+
+def test_a_preset_step_job_runs_in_process():
+    """source_views (the weak-view ensemble, no update) through the same job the benchmark times."""
+    from bench.step import run_step
+
+    r = run_step({"kind": "step", "method": "source_views", "encoder": "resnet18", "size": 32, "speed": "faithful",
+                  "warmup": 0, "repeats": 1, "threads": 1, "device": "cpu"})
+    assert r["s_per_image"]["n"] == 1 and r["images_per_s"] > 0
 
 
 def test_more_sites_than_styles_get_their_own_names():

@@ -11,6 +11,7 @@ from simulations.deploy_local import Deployment
 SIZE = 32
 
 
+@pytest.mark.slow
 def test_tls_deployment_with_registered_nodes(tmp_path, checkpoint):
     overrides = [f"checkpoint={checkpoint}", f"data.size={SIZE}", "data.synthetic_test=4", "model.encoder=resnet18",
                  "model.decoder_width=16", "federation.rounds=2", "federation=fed_stats", "mlflow.overlays=0",
@@ -61,3 +62,26 @@ def test_deploy_command_line_separates_sites_from_overrides(monkeypatch):
         deploy.main(["north=gamma", "south=colour_cast", "--", "federation=fed_stats"])
     assert seen["nodes"] == 2
     assert seen["overrides"] == ["federation=fed_stats", "data.sites=[north,south]"]
+
+
+def test_a_taken_port_costs_the_superlink_a_retry(tmp_path, monkeypatch):
+    """The port picked for the SuperLink is taken before it binds (here: held, not listening, by the test):
+    the deployment starts it on another port instead of failing or talking to whoever holds it."""
+    import socket
+
+    import simulations.deploy_local as deploy
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    taken = held.getsockname()[1]
+    ports = iter([taken])
+    real = deploy.free_port
+    monkeypatch.setattr(deploy, "free_port", lambda: next(ports, None) or real())
+    try:
+        with Deployment(tmp_path / "deploy", insecure=True) as dep:
+            assert dep.port == taken
+            dep.start_superlink(nodes=1)
+            assert dep.port != taken and sum(p.poll() is None for p in dep.procs) == 1
+            assert f"127.0.0.1:{dep.port}" in (dep.dir / "flwr" / "config.toml").read_text()
+    finally:
+        held.close()

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+import client.site as site_module
 from client.client_app import app as client_app
+from client.site import Site, SiteConfig, open_site_data
 from server.federation import federate
 from tests.conftest import RecordingGrid, tiny_config
 
@@ -31,8 +33,32 @@ class FaultyApp:
         return client_app(msg, context)
 
 
-def grid_for(app, sites: int = 2) -> RecordingGrid:
-    return RecordingGrid(app, [{"partition-id": i, "num-partitions": sites} for i in range(sites)])
+def grid_for(app, sites: int = 2, first_id: int = 100, order=None, **kw) -> RecordingGrid:
+    """A grid of `sites` simulated sites; `first_id`/`order` give other node ids and another order of the
+    partitions, as a restarted coordinator meets them (Flower gives nodes new ids)."""
+    grid = RecordingGrid(app, [{"partition-id": i, "num-partitions": sites} for i in (order or range(sites))], **kw)
+    grid.contexts = {first_id + i: Context(run_id=c.run_id, node_id=first_id + i, node_config=c.node_config,
+                                           state=c.state, run_config=c.run_config)
+                     for i, c in enumerate(grid.contexts.values())}
+    return grid
+
+
+class ManualClock:
+    """The time a round timeout sees: it only moves when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reply_of(grid, site_pid: int, rnd: int, first_id: int = 100):
+    return next(r for r in grid.replies if r.metadata.src_node_id == first_id + site_pid and r.metadata.group_id == str(rnd))
+
+
+def site_config_of(msg) -> SiteConfig:
+    return SiteConfig(**json.loads(str(msg.content["config"]["site_config"])))
 
 
 def child_runs(tmp_path):
@@ -41,21 +67,53 @@ def child_runs(tmp_path):
                     if "fedgrata.site" in r.data.tags}
 
 
-def test_a_site_that_dies_mid_round_rejoins_and_resumes(tmp_path, checkpoint):
-    def die(pid, rnd, msg, context):
-        if pid == 1 and rnd == 2:
-            raise RuntimeError("site process killed")
+ROUND_KEYS = ("dice_proxy", "align_cos_mean", "entropy", "consistency", "dice_mean")
 
-    cfg = tiny_config(tmp_path, checkpoint, "federation.rounds=3", "data.synthetic_test=6")
-    result = federate(grid_for(FaultyApp(die)), cfg, tmp_path)
+
+def test_a_site_that_dies_mid_round_rejoins_and_resumes(tmp_path, checkpoint, monkeypatch):
+    """Site 1 dies in round 2 after adapting 2 of its 3 images (its adapter moved, nothing saved). In
+    round 3 it must go on from its saved round-1 state: not from the source model, not from the
+    half-adapted state it died with."""
+    real_stream, seen, messages = site_module.stream, [], {}
+
+    def die(pid, rnd, msg, context):
+        messages[(pid, rnd)] = msg
+        if pid == 1 and rnd == 2:
+            def dying_stream(*args, **kw):
+                for sample in real_stream(*args, **kw):
+                    if len(seen) == 2:
+                        raise RuntimeError("site process killed")
+                    seen.append(sample)
+                    yield sample
+            monkeypatch.setattr(site_module, "stream", dying_stream)  # the inline grid runs sites in turn
+            try:
+                return client_app(msg, context)
+            finally:
+                monkeypatch.setattr(site_module, "stream", real_stream)
+
+    cfg = tiny_config(tmp_path, checkpoint, "federation.rounds=3", "data.synthetic_test=9")
+    grid = grid_for(FaultyApp(die))
+    result = federate(grid, cfg, tmp_path)
+    assert len(seen) == 2  # it did die mid-chunk, with work done
     gamma, colour = result["sites"]["gamma"], result["sites"]["colour_cast"]
-    assert colour["rounds"] == 3 and colour["failures"] == 0 and colour["images"] == 6
-    assert gamma["rounds"] == 2 and gamma["failures"] == 1  # round 2 went on without it
-    assert gamma["images"] == 4  # rounds 1 and 3: it resumed from its saved state, round 2's chunk is lost
+    assert colour["rounds"] == 3 and colour["failures"] == 0 and colour["images"] == 9
+    assert gamma["rounds"] == 2 and gamma["failures"] == 1 and gamma["images"] == 6  # round 2's chunk is lost
     client, children = child_runs(tmp_path)
     assert "site process killed" in children["gamma"].data.tags["fedgrata.failure.round2"]
     assert [m.step for m in client.get_metric_history(children["gamma"].info.run_id, "round/reply_failed")] == [2]
     assert [m.step for m in client.get_metric_history(children["gamma"].info.run_id, "round/dice_proxy")] == [1, 3]
+
+    # what round 3 should be: round 1, then round 3, by a site that never died ...
+    site_cfg = site_config_of(messages[(1, 3)])
+    data = open_site_data(site_cfg, "gamma")
+    Site("gamma", data, tmp_path / "ref", site_cfg, checkpoint).run_round(1)
+    expected = Site("gamma", data, tmp_path / "ref", site_cfg, checkpoint).run_round(3)["metrics"]
+    from_source = Site("gamma", data, tmp_path / "src", site_cfg, checkpoint).run_round(3)["metrics"]
+    got = dict(reply_of(grid, 1, 3).content["metrics"])
+    for key in ROUND_KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+    # ... which a restart from the source model would not give (so the check above can tell them apart)
+    assert any(from_source[k] != pytest.approx(expected[k], rel=1e-6, abs=1e-9) for k in ROUND_KEYS)
 
 
 def corrupt(kind):
@@ -125,12 +183,51 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, checkpoint):
     assert (tmp_path / "state" / "site.pt").is_file()  # its state lives where its node config says
 
 
+class Unavailable:
+    """An HTTP endpoint on a port it binds itself that answers every request 503 and counts them."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                outer.requests += 1
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_an_unreachable_mlflow_does_not_stop_the_federation(tmp_path, checkpoint, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    cfg = tiny_config(tmp_path, checkpoint, "mlflow.tracking_uri=http://127.0.0.1:9")  # nothing listens there
-    with pytest.warns(RuntimeWarning, match="127.0.0.1:9"):
-        result = federate(grid_for(client_app), cfg, tmp_path)
+    """With the tracker's own retry settings (none set by the test): MLflow's default of 7 retries with
+    exponential back-off would take minutes per call; the tracker's must give up after one retry, once."""
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    store = Unavailable()
+    try:
+        cfg = tiny_config(tmp_path, checkpoint, f"mlflow.tracking_uri={store.uri}")
+        with pytest.warns(RuntimeWarning, match=store.uri) as warned:
+            result = federate(grid_for(client_app), cfg, tmp_path)
+    finally:
+        store.close()
+    assert store.requests == 2  # the first call and one retry; from then on nothing is sent
+    assert len([w for w in warned if "unreachable" in str(w.message)]) == 1  # one warning, not one per record
     assert result["mlflow"]["offline"] and result["mlflow"]["parent_run_id"] is None
     assert result["sites"]["gamma"]["rounds"] == 2  # the federation went on
     journal = [json.loads(line) for line in (Path(result["run_dir"]) / "mlflow_offline.jsonl").read_text().splitlines()]
@@ -182,63 +279,89 @@ def test_a_site_error_reaches_the_coordinator_without_the_site_paths(tmp_path, c
 
 
 def test_a_stalled_site_is_bounded_by_the_round_timeout(tmp_path, checkpoint):
+    """Site 1 does round 2's work (its state is saved), then hangs before its reply leaves. The round
+    ends without it when the timeout passes (the test's clock says when, not the machine's load), and
+    in round 3 the site goes on from where its own work stopped."""
     import threading
-    import time
 
-    release = threading.Event()
+    clock, honest_done, released, messages = ManualClock(), threading.Event(), threading.Event(), {}
 
     def stall(pid, rnd, msg, context):
-        if pid == 1 and rnd == 2:
-            release.wait(30)  # hangs until the test lets it go
-            return Message(msg.content, reply_to=msg)
-        return None
+        messages[rnd] = msg
+        if rnd != 2:
+            return None
+        if pid == 0:
+            try:
+                return client_app(msg, context)
+            finally:
+                honest_done.set()
+        reply = client_app(msg, context)
+        honest_done.wait(600)  # a safety net only: the honest site's reply is in before time runs out
+        clock.now += 1e6  # the round timeout passes while this site hangs
+        released.wait(20)  # let go once round 3 starts; a coordinator still waiting would get it late
+        return reply
 
+    grid = grid_for(FaultyApp(stall), clock=clock)
+    push = grid.push_messages
+    grid.push_messages = lambda messages: push([released.set() or m if m.metadata.group_id == "3" else m
+                                                for m in messages])
     cfg = tiny_config(tmp_path, checkpoint, "federation.rounds=3", "data.synthetic_test=6",
-                      "federation.round_timeout_s=6")
-    t0 = time.perf_counter()
+                      "federation.round_timeout_s=60")
     try:
-        result = federate(grid_for(FaultyApp(stall)), cfg, tmp_path)
+        result = federate(grid, cfg, tmp_path)
     finally:
-        release.set()
-    assert result["sites"]["colour_cast"]["rounds"] == 3
+        released.set()
+    assert result["sites"]["colour_cast"]["rounds"] == 3 and result["sites"]["colour_cast"]["failures"] == 0
     gamma = result["sites"]["gamma"]
-    assert gamma["rounds"] == 2 and gamma["failures"] == 1  # round 2 went on without it; it came back in round 3
+    assert gamma["rounds"] == 2 and gamma["failures"] == 1 and gamma["images"] == 4  # round 2 went on without it
     _, children = child_runs(tmp_path)
     assert "timeout" in children["gamma"].data.tags["fedgrata.failure.round2"]
-    assert time.perf_counter() - t0 < 120
+    # the stalled round's work stayed at the site: round 3 is what a site that answered in time sends
+    site_cfg = site_config_of(messages[3])
+    data = open_site_data(site_cfg, "gamma")
+    expected = [Site("gamma", data, tmp_path / "ref", site_cfg, checkpoint).run_round(r) for r in (1, 2, 3)][-1]
+    got = dict(reply_of(grid, 1, 3).content["metrics"])
+    assert all(got[k] == pytest.approx(expected["metrics"][k], rel=1e-6, abs=1e-9) for k in ROUND_KEYS)
 
 
-def free_port() -> int:
+def start_mlflow_server(tmp_path, attempts: int = 3):
+    """`mlflow server` on a free port; a port taken between picking and binding costs a retry, not the test."""
     import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_real_mlflow_server_receives_the_run_over_http(tmp_path, checkpoint):
     import subprocess
     import sys
     import time
     import urllib.request
 
-    port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                               "--artifacts-destination", str(tmp_path / "server_artifacts")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                                   "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                                   "--artifacts-destination", str(tmp_path / "server_artifacts")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120  # a safety net; the usual start is seconds
+        while server.poll() is None and time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
+                return server, f"http://127.0.0.1:{port}"
             except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("mlflow server did not start")
                 time.sleep(0.5)
-        uri = f"http://127.0.0.1:{port}"
+        server.kill()
+        server.wait()
+    pytest.fail(f"mlflow server did not start in {attempts} attempts")
+
+
+def stop(server) -> None:
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_real_mlflow_server_receives_the_run_over_http_and_may_go_down(tmp_path, checkpoint, monkeypatch):
+    server, uri = start_mlflow_server(tmp_path)
+    try:
         cfg = tiny_config(tmp_path, checkpoint, f"mlflow.tracking_uri={uri}", "mlflow.overlays=0")
         result = federate(grid_for(client_app), cfg, tmp_path)
         assert result["mlflow"]["offline"] is None
@@ -249,36 +372,89 @@ def test_a_real_mlflow_server_receives_the_run_over_http(tmp_path, checkpoint):
         assert [m.step for m in client.get_metric_history(child.info.run_id, "round/dice_mean")] == [1, 2]
         parent = next(r for r in runs if "fedgrata.site" not in r.data.tags)
         assert "sites.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}  # artifacts over HTTP too
+
+        # The same store goes down after the run started: after round 1 was logged, before round 2.
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # the tracker's own retry bound
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+        grid = grid_for(client_app)
+        push = grid.push_messages
+
+        def down_in_round_2(messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == "train" and m.metadata.group_id == "2" for m in messages):
+                stop(server)
+            return push(messages)
+
+        grid.push_messages = down_in_round_2
+        cfg = tiny_config(tmp_path, checkpoint, f"mlflow.tracking_uri={uri}", "mlflow.overlays=0",
+                          "mlflow.run_name=goes_down")
+        with pytest.warns(RuntimeWarning, match="unreachable") as warned:
+            result = federate(grid, cfg, tmp_path)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if server.poll() is None:
+            stop(server)
+    assert len([w for w in warned if "unreachable" in str(w.message)]) == 1
+    assert result["sites"]["gamma"]["rounds"] == 2 and result["mlflow"]["offline"]
+    store = MlflowClient(f"sqlite:///{tmp_path}/server.db")  # what reached the server before it went down
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    down = {r.data.tags.get("fedgrata.site"): r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("goes_down")
+            or r.data.tags.get("mlflow.parentRunId") == result["mlflow"]["parent_run_id"]}
+    assert set(down) == {None, "colour_cast", "gamma"}
+    assert [m.step for m in store.get_metric_history(down["gamma"].info.run_id, "round/dice_mean")] == [1]
+    assert down[None].info.status == "RUNNING"  # it never heard the end
+    journal = [json.loads(line) for line in (Path(result["run_dir"]) / "mlflow_offline.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in journal if r["kind"] == "metrics" and r["site"] == "gamma"] == [2]
+    assert journal[-1]["kind"] == "finish" and journal[-1]["status"] == "FINISHED"
 
 
-def test_an_interrupted_run_resumes_without_losing_finished_rounds(tmp_path, checkpoint):
+def test_an_interrupted_run_resumes_without_losing_finished_rounds(tmp_path, checkpoint, monkeypatch):
+    """The worst moment: round 3's replies are in (the sites spent privacy on them) and logged to MLflow,
+    and the coordinator dies before its state for round 3 is saved. Resumed by a new coordinator
+    process (new node ids, sites in another order), round 3 is asked again: each site must resend the
+    same reply (no new release, no new privacy cost) and MLflow must not get step 3 twice."""
+    import server.federation as fed
+
     cfg = tiny_config(tmp_path, checkpoint, "federation=fed_stats", "federation.rounds=3", "data.synthetic_test=6")
     run_dir = tmp_path / "runs" / "interrupted"
-    grid = grid_for(client_app)
-    push = grid.push_messages
+    real_save = fed.save_progress
 
-    def crash_in_round_3(messages):
-        messages = list(messages)
-        if any(m.metadata.message_type == "train" and m.metadata.group_id == "3" for m in messages):
+    def die_before_saving_round_3(run_dir, rnd, *args):
+        if rnd == 3:
             raise KeyboardInterrupt  # the coordinator's process is stopped
-        return push(messages)
+        return real_save(run_dir, rnd, *args)
 
-    grid.push_messages = crash_in_round_3
+    monkeypatch.setattr(fed, "save_progress", die_before_saving_round_3)
+    grid = grid_for(client_app)
     with pytest.raises(KeyboardInterrupt):
         federate(grid, cfg, tmp_path, run_dir)
-    again = grid_for(client_app)  # a new coordinator process, new node ids
+    monkeypatch.setattr(fed, "save_progress", real_save)
+    first = {reply.content["site"]["name"]: reply for reply in grid.replies if reply.metadata.group_id == "3"}
+    assert set(first) == {"colour_cast", "gamma"}  # both sites did round 3 before the crash
+
+    again = grid_for(client_app, first_id=500, order=[1, 0])  # a new coordinator process: other ids and order
     result = federate(again, load_config_like(cfg, f"resume={run_dir}"), tmp_path, run_dir, resume=True)
-    assert sorted(int(r.metadata.group_id) for r in again.replies) == [3, 3]  # only the unfinished round ran
+    assert sorted(int(r.metadata.group_id) for r in again.replies) == [3, 3]  # only the unsaved round ran again
+    for reply in again.replies:
+        before = first[reply.content["site"]["name"]]
+        assert dict(reply.content["metrics"]) == dict(before.content["metrics"])
+        assert dict(reply.content["privacy"]) == dict(before.content["privacy"])
+        for key, array in reply.content["stats"].to_torch_state_dict().items():  # the same noise: no new release
+            assert torch.equal(array, before.content["stats"].to_torch_state_dict()[key]), key
+    for name in ("colour_cast", "gamma"):
+        state = torch.load(run_dir / "sites" / name / "site.pt", weights_only=False)
+        assert sum(step[2] for step in state["privacy_history"]) == 3  # three releases accounted, not four
     assert all(site["rounds"] == 3 and site["images"] == 6 for site in result["sites"].values())
+
     client, children = child_runs(tmp_path)
     parents = [r for r in client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
                if "fedgrata.site" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same MLflow runs went on
+    assert [m.step for m in client.get_metric_history(parents[0].info.run_id, "round/dice_proxy")] == [1, 2, 3]
+    for child in children.values():
+        for key in ("round/dice_proxy", "round/dp_epsilon", "round/images"):
+            assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == [1, 2, 3], key
     eps = client.get_metric_history(children["gamma"].info.run_id, "round/dp_epsilon")
-    assert [m.step for m in eps] == [1, 2, 3] and eps[-1].value <= 8.0
+    assert eps[-1].value <= 8.0
     with pytest.raises(ValueError, match="another configuration"):
         federate(grid_for(client_app), load_config_like(cfg, "federation.rounds=4"), tmp_path, run_dir, resume=True)
 
@@ -288,3 +464,87 @@ def load_config_like(cfg, *extra):
     tmp = Path(cfg.out_dir).parent
     return tiny_config(tmp, Path(cfg.checkpoint), "federation=fed_stats", "federation.rounds=3",
                        "data.synthetic_test=6", *extra)
+
+
+def test_a_site_refuses_to_send_what_its_own_audit_rejects(tmp_path, checkpoint, monkeypatch, capsys):
+    """A bug at the site puts an image into its reply before the site's own audit: the site must fail
+    closed (an error reply, no content), not rely on the coordinator to throw it away."""
+    import client.client_app as ca
+
+    real = ca.reply_content
+
+    def leaky(name, out):
+        content = real(name, out)
+        if name == "gamma":
+            content["images"] = ArrayRecord({"0.raw": torch.rand(3, 32, 32)})
+        return content
+
+    monkeypatch.setattr(ca, "reply_content", leaky)
+    cfg = tiny_config(tmp_path, checkpoint, "federation=fed_affine")
+    grid = grid_for(client_app)
+    result = federate(grid, cfg, tmp_path)
+    leaked = [r for r in grid.replies if r.metadata.src_node_id == 101]
+    assert len(leaked) == 2
+    for reply in leaked:  # what left the site: an error with no records at all
+        assert reply.has_error() and not reply.has_content()
+        assert "not allowed" in reply.error.reason and "images" in reply.error.reason
+    assert all(not r.has_error() for r in grid.replies if r.metadata.src_node_id == 100)
+    assert result["sites"]["gamma"]["failures"] == 2 and result["sites"]["colour_cast"]["failures"] == 0
+    audited = json.loads((Path(result["run_dir"]) / "audit.json").read_text())
+    assert {e["site"] for e in audited["replies"]} == {"colour_cast"}
+
+
+def test_a_flagged_site_is_reset_and_left_out_of_the_average(tmp_path, checkpoint):
+    """fed_affine, three rounds. Site 1 reports a proxy that fell 50 points in round 2: the coordinator
+    flags it, averages round 2 without its parameters, orders it back to the source model in round 3,
+    and the site does start round 3 from the source model."""
+    def drop(pid, rnd, msg, context):
+        if pid != 1 or rnd != 2:
+            return None
+        reply = client_app(msg, context)
+        metrics = dict(reply.content["metrics"])
+        metrics["dice_proxy"] -= 50.0
+        reply.content["metrics"] = MetricRecord(metrics)
+        return Message(reply.content, reply_to=msg)
+
+    cfg = tiny_config(tmp_path, checkpoint, "federation=fed_affine", "federation.rounds=3", "data.synthetic_test=6")
+    grid = grid_for(FaultyApp(drop))
+    sent = []
+    push = grid.push_messages
+    grid.push_messages = lambda messages: push([sent.append(m) or m for m in messages])
+    result = federate(grid, cfg, tmp_path)
+    gamma = result["sites"]["gamma"]
+    assert gamma["flagged"] == 1 and gamma["resets"] == 1 and gamma["failures"] == 0
+    assert result["sites"]["colour_cast"]["flagged"] == 0
+
+    def train_to(nid, rnd):
+        return next(m for m in sent if m.metadata.message_type == "train" and m.metadata.dst_node_id == nid
+                    and m.metadata.group_id == str(rnd))
+
+    def affine(record):
+        return record["affine"].to_torch_state_dict()
+
+    # round 2 went out with both sites' round-1 parameters averaged (equal image counts) ...
+    both = [affine(reply_of(grid, pid, 1).content) for pid in (0, 1)]
+    for key, value in affine(train_to(100, 2).content).items():
+        torch.testing.assert_close(value, (both[0][key] + both[1][key]) / 2, rtol=0, atol=1e-6)
+    # ... round 3 with colour_cast's round-2 parameters alone: the flagged site's were left out
+    own = affine(reply_of(grid, 0, 2).content)
+    for key, value in affine(train_to(100, 3).content).items():
+        assert torch.equal(value, own[key]), key
+    order = train_to(101, 3)
+    assert order.content["config"]["reset"] is True and "affine" not in order.content
+    assert train_to(100, 3).content["config"]["reset"] is False
+
+    # the site obeyed: its round 3 is what a site starting from the source model sends
+    site_cfg = site_config_of(order)
+    fresh = Site("gamma", open_site_data(site_cfg, "gamma"), tmp_path / "fresh", site_cfg, checkpoint).run_round(3)
+    got = affine(reply_of(grid, 1, 3).content)
+    for i, (w, b) in enumerate(fresh["affine"]):
+        torch.testing.assert_close(got[f"{i}.weight"], w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[f"{i}.bias"], b, rtol=0, atol=1e-6)
+    client, children = child_runs(tmp_path)
+    flagged = client.get_metric_history(children["gamma"].info.run_id, "round/flagged")
+    resets = client.get_metric_history(children["gamma"].info.run_id, "round/reset")
+    assert [(m.step, m.value) for m in flagged] == [(1, 0.0), (2, 1.0), (3, 0.0)]
+    assert [(m.step, m.value) for m in resets] == [(1, 0.0), (2, 0.0), (3, 1.0)]

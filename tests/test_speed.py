@@ -61,7 +61,8 @@ def test_image_moments_match_var_mean():
         torch.testing.assert_close(m2, var + mean**2, rtol=1e-5, atol=1e-5)
     one = torch.randn(2, 4, 1, 1)
     m1, m2 = image_moments(one)
-    torch.testing.assert_close(m1, one.view(2, 4)) and torch.testing.assert_close(m2, one.view(2, 4) ** 2)
+    torch.testing.assert_close(m1, one.view(2, 4))  # a 1x1 map: its one value is the mean,
+    torch.testing.assert_close(m2, one.view(2, 4) ** 2)  # and its square the second moment (no variance term)
 
 
 def test_channels_last_alone_gives_the_faithful_step(unet, fundus_like):
@@ -86,9 +87,19 @@ def test_bf16_step_keeps_masks_and_fp32_state(unet, fundus_like):
         assert agree > 0.97, f"bf16 flipped {1 - agree:.1%} of the mask pixels"
         assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.99
         assert sa["cosine"] == pytest.approx(sb["cosine"], abs=0.05)
-    moved_fast = torch.cat([p.detach().flatten() for p in fast.params])
-    moved_ref = torch.cat([p.detach().flatten() for p in faithful.params])
-    torch.testing.assert_close(moved_fast, moved_ref, rtol=0, atol=0.02)
+    # Four Adam steps at an effective rate of about 1e-4 move each parameter by about 4e-4, so the
+    # parameters themselves are compared by how they moved, not by an absolute tolerance that a fast
+    # path which never stepped would also meet.
+    source = torch.cat([p.detach().flatten() for p in build_adapter("grata", unet, speed="faithful").params])
+    moved_fast = torch.cat([p.detach().flatten() for p in fast.params]) - source
+    moved_ref = torch.cat([p.detach().flatten() for p in faithful.params]) - source
+    assert moved_ref.abs().max() > 1e-4  # the reference did step
+    ratio = (moved_fast.norm() / moved_ref.norm()).item()
+    assert 0.8 < ratio < 1.25, f"the fast path moved the parameters {ratio:.2f} times as far as fp32"
+    # bf16 gradients flip Adam's direction on parameters whose gradient is near zero; the movement as a
+    # whole still points the same way (measured: cosine 0.68; a sign error gives -0.68, no step NaN)
+    cosine = torch.nn.functional.cosine_similarity(moved_fast, moved_ref, dim=0).item()
+    assert cosine > 0.5, f"the fast path moved the parameters elsewhere (cosine {cosine:.2f})"
 
 
 def test_state_moves_between_fast_and_faithful_sites(unet, fundus_like):
@@ -99,7 +110,17 @@ def test_state_moves_between_fast_and_faithful_sites(unet, fundus_like):
     for a, b in zip(fast.params, faithful.params):
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
     assert faithful.norms[0].site_count.item() == 2
-    faithful.adapt_and_predict(fundus_like[2])  # and it goes on from there
+    # and it goes on from there: like a faithful site that saw the first two images itself, unlike a
+    # site that starts afresh (site statistics, Adam's moments and the RNG all came across)
+    own = build_adapter("grata", unet, lr=1e-3, bn="site", speed="faithful")
+    run(own, fundus_like[:2])
+    fresh = build_adapter("grata", unet, lr=1e-3, bn="site", speed="faithful")
+    moved = faithful.adapt_and_predict(fundus_like[2])
+    to_own = (moved - own.adapt_and_predict(fundus_like[2])).abs().mean()
+    to_fresh = (moved - fresh.adapt_and_predict(fundus_like[2])).abs().mean()
+    assert to_own < to_fresh / 5, (to_own, to_fresh)  # measured: 7e-6 against 2e-4
+    assert faithful.norms[0].site_count.item() == 3
+    assert all(s["step"].item() == 3 for s in faithful.optimizer.state_dict()["state"].values())
 
 
 def test_reset_restores_the_source_on_the_fast_path(unet, fundus_like):
