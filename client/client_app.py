@@ -138,7 +138,11 @@ def train(msg: Message, context: Context) -> Message:
     model_path = find_model(state_dir, context, config)
     if model_path is None:
         raise RuntimeError(f"site {name}: no source model matching digest {config['model_digest'][:12]}")
-    site = Site(name, dataset, state_dir, cfg, model_path, limits=limits)
+    # a deployed site's ledger is keyed to what its own node config says its data is, never to values
+    # the coordinator sends (which it could vary to open a fresh ledger)
+    identity = ({"site": name, **{k: str(context.node_config.get(k, "")) for k in ("data-kind", "data-root", "domain")}}
+                if deployed(context) else None)
+    site = Site(name, dataset, state_dir, cfg, model_path, limits=limits, identity=identity)
     if bool(config.get("reset", False)):
         site.reset_to_source()
     if "pooled" in msg.content:
