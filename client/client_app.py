@@ -134,7 +134,8 @@ def train(msg: Message, context: Context) -> Message:
         if digest != str(config["model_digest"]):
             raise RuntimeError(f"site {name}: the model sent has digest {digest[:12]}, not the announced one")
         limits.check_digest(digest)
-        save_checkpoint(state_dir / "source_model.pt", model, shift_reference=float(config["shift_reference"]))
+        save_checkpoint(state_dir / "source_model.pt", model, shift_reference=float(config["shift_reference"]),
+                        quality=json.loads(str(config["quality"])))
     model_path = find_model(state_dir, context, config)
     if model_path is None:
         raise RuntimeError(f"site {name}: no source model matching digest {config['model_digest'][:12]}")

@@ -34,7 +34,7 @@ NAME = re.compile(r"^[A-Za-z0-9_.-]{1,%d}$" % MAX_NAME)
 COUNT_KEYS = {"images", "skipped", "stats_images"}
 DICE_KEYS = {"dice_disc", "dice_cup", "dice_mean"}  # only where the site holds labels and allows it: evaluation only
 PLAIN_METRICS = COUNT_KEYS - {"stats_images"} | DICE_KEYS | {
-    "seconds", "guard_resets", "dice_proxy", "agreement", "plausibility",
+    "seconds", "guard_resets", "dice_proxy", "fallback_share",
     "align_cos_mean", "align_cos_std", "align_cos_hist", "align_neg_share", "lr_mean", "entropy", "consistency"}
 PRIVATE_METRICS = COUNT_KEYS | DICE_KEYS | {"dice_proxy"}  # the proxy arrives noised (grata/privacy.py)
 LISTS = {"align_cos_hist": COSINE_BINS}  # the only list-valued metric, and its exact length

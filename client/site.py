@@ -35,9 +35,9 @@ from grata.models import ResUNet, load_checkpoint
 from grata.overlay import save_overlay
 from client.limits import LimitRefused, SiteLimits
 from grata.ledger import Ledger, data_key
-from grata.privacy import PrivateMoments, PrivateScalars, SourcePass, clip_relative, from_relative, source_moments, \
+from grata.privacy import SCALAR_FIELDS, PrivateMoments, PrivateScalars, SourcePass, clip_relative, from_relative, source_moments, \
     split, to_relative
-from grata.proxy import alignment_summary, dice_proxy
+from grata.proxy import alignment_summary
 
 VARIANTS = ("local_only", "fed_stats", "fed_affine")
 
@@ -95,7 +95,7 @@ def load_source(path: str | Path) -> tuple[ResUNet, dict, str]:
 @lru_cache(maxsize=4)
 def _load_source(path: str, size: int, mtime: int) -> tuple[ResUNet, dict, str]:
     model, meta = load_checkpoint(path)
-    return model, {k: v for k, v in meta.items() if k == "shift_reference"}, weights_digest(model)
+    return model, {k: v for k, v in meta.items() if k in ("shift_reference", "quality")}, weights_digest(model)
 
 
 def chunk(n: int, rounds: int, rnd: int, min_images: int = 1) -> range:
@@ -131,8 +131,12 @@ class Site:
         model, meta, digest = load_source(model_path)
         self.limits.check_digest(digest)
         torch.manual_seed(cfg.seed)
-        self.adapter: Adapter = build_adapter(cfg.adapter, model, seed=cfg.seed,
-                                              shift_reference=meta.get("shift_reference"), **cfg.options)
+        self.adapter: Adapter = build_adapter(cfg.adapter, model, seed=cfg.seed, shift_reference=meta.get("shift_reference"),
+                                              quality=meta.get("quality"), **cfg.options)
+        if self.adapter.monitor is None:
+            raise RuntimeError(f"site {name}: the source model {Path(model_path).name} has no quality model, so the site "
+                               "could not tell whether adaptation helps; add it with python -m grata.train_source "
+                               "checkpoint=<that file> (on the source's labelled data)")
         self.state = self._load_state()
         if self.state.adapter is not None:
             self.adapter.load_state_dict(self.state.adapter)
@@ -226,11 +230,9 @@ class Site:
             x = sample.image[None]
             logits = self.adapter.adapt_and_predict(x)
             probs = torch.sigmoid(logits)
-            teacher = self.adapter.last_teacher
-            if teacher is None:  # this adapter computed no weak-view teacher: compute one for the proxy
-                teacher = self.adapter.view_probs(x)
-            proxies.append(dice_proxy(probs, teacher))
-            steps.append(dict(self.adapter.last_step))
+            step = dict(self.adapter.last_step)  # holds the label-free quality estimate of what was predicted
+            proxies.append({"dice_proxy": step["quality"], "fallback_share": step["fallback"]})
+            steps.append(step)
             if stats is not None:
                 stats.add(self.source.moments(x))
             if sample.mask is not None and self.limits.report_dice:  # evaluation only: labels never reach the adapter
@@ -260,8 +262,11 @@ class Site:
 
     def _release(self, rnd: int, stats: PrivateMoments, proxies: list[dict[str, float]], out: dict[str, Any]) -> None:
         """The private variant's release: noised statistics and proxy mean, accounted in the ledger first."""
-        sigmas = split(self.cfg.noise_multiplier, {"stats": 1 - self.cfg.metrics_share, "dice_proxy": self.cfg.metrics_share})
-        released = False
+        # one round's budget, split: BN statistics, and each declared per-image scalar field equally
+        fields = list(SCALAR_FIELDS)
+        shares = {"stats": 1 - self.cfg.metrics_share, **{f: self.cfg.metrics_share / len(fields) for f in fields}}
+        sigmas = split(self.cfg.noise_multiplier, shares)
+        released, proxy_std = False, 0.0
         if stats.count < self.min_images:
             out["status"] = "below_min_images" if stats.count else "ok"
         elif self.ledger.would_spend(list(sigmas.values()), self.cfg.delta) > self.limits.max_epsilon * (1 + 1e-9):
@@ -272,15 +277,18 @@ class Site:
             self.ledger.record(list(sigmas.values()))  # accounted before anything is computed to leave
             stats.noise_multiplier = sigmas["stats"]
             out["stats"], out["metrics"]["stats_images"] = stats.release()
-            scalars = PrivateScalars({"dice_proxy": sigmas["dice_proxy"]})
+            scalars = PrivateScalars({f: sigmas[f] for f in fields})
             for p in proxies:
-                scalars.add("dice_proxy", p["dice_proxy"])
-            (proxy, proxy_std), = scalars.release().values()
-            out["metrics"]["dice_proxy"] = proxy
+                for f in fields:
+                    scalars.add(f, p[f])
+            for f, (mean, std) in scalars.release().items():
+                out["metrics"][f] = mean
+                if f == "dice_proxy":
+                    proxy_std = std
             released = True
         out["privacy"] = {"dp_epsilon": self.ledger.spent(self.cfg.delta), "dp_delta": self.cfg.delta,
                           "dp_noise_std": stats.noise_multiplier * stats.sensitivity if released else 0.0,
-                          "dp_proxy_std": proxy_std if released else 0.0, "dp_released": float(released)}
+                          "dp_proxy_std": proxy_std, "dp_released": float(released)}
 
 
 def open_site_data(cfg: SiteConfig, domain: str):

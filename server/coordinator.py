@@ -2,7 +2,8 @@
 
 Per round it takes each site's accepted reply and returns what every site gets next round:
 pooled BN statistics (fed_stats), averaged BN affine parameters (fed_affine), and reset orders for
-sites whose label-free Dice proxy fell more than `proxy_margin` below their best so far.
+sites whose label-free Dice proxy fell more than `proxy_margin` below their best so far, or whose
+adaptation the site itself judged worse than the source model on most images (`fallback_share`).
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class Coordinator:
             return False
         # a noised proxy (fed_stats) flags only a drop the privacy noise cannot explain (3 sigma of a difference)
         margin = self.cfg.proxy_margin + 3 * 2**0.5 * float(metrics.get("dp_proxy_std", 0.0))
-        if rec.best_proxy is not None and proxy < rec.best_proxy - margin:
+        fell_back = metrics.get("fallback_share", 0.0) > self.cfg.fallback_flag
+        if fell_back or rec.best_proxy is not None and proxy < rec.best_proxy - margin:
             rec.flagged.append(rnd)
             if self.cfg.reset_on_drop:
                 rec.reset_next = True

@@ -27,15 +27,21 @@ SIZE = 64  # the deepest ResNet stage is 2 x 2: image statistics exist in every 
 # the recommended method with everything that couples images switched on: adaptation with Adam, bn=auto
 # (switching, see the checkpoint's tiny shift reference), the drift guard from the first image on
 OPTIONS = {"lr": 5e-2, "aux": "ent", "pse": "consis", "bn": "auto", "dynamic_lr": True, "entropy_form": "reference",
-           "ensemble": True, "guard": 0.5, "guard_warmup": 1, "auto_warmup": 1}
+           "ensemble": True, "guard": 5.0, "guard_warmup": 2, "auto_warmup": 1, "fallback": True}
 
 
 @pytest.fixture(scope="module")
 def switching_checkpoint(tmp_path_factory):
+    from grata.quality import fit_quality
+    from grata.synthetic import SyntheticDomain
+
     torch.manual_seed(0)
     model = ResUNet(ModelConfig(encoder="resnet18", decoder_width=16)).eval()
     path = tmp_path_factory.mktemp("ckpt") / "source.pt"
-    save_checkpoint(path, model, shift_reference=1e-9)  # bn=auto switches to image statistics at once
+    samples = [SyntheticDomain("clean", n=4, size=SIZE, split="train")[i] for i in range(4)]
+    quality = fit_quality(model, torch.stack([s.image for s in samples]), torch.stack([s.mask for s in samples]),
+                          limit=4, copies=1)
+    save_checkpoint(path, model, shift_reference=1e-9, quality=quality)  # bn=auto switches to image statistics at once
     return path
 
 
