@@ -116,7 +116,12 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, checkpoint):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
     (folder / "img9.png").write_bytes(b"not a png at all")
     cfg = tiny_config(tmp_path, checkpoint, "data.on_error=skip", "federation.rounds=1", "data.sites=[partner]")
-    node = {"data-root": str(folder), "data-kind": "folder", "site": "partner", "state-dir": str(tmp_path / "state")}
+    from client.site import load_source
+
+    node = {"data-root": str(folder), "data-kind": "folder", "site": "partner", "state-dir": str(tmp_path / "state"),
+            # a deployed site sets its own privacy limits (client/limits.py)
+            "max-epsilon": 8.0, "max-delta": 1e-5, "min-noise-multiplier": 0.0, "min-images": 1,
+            "ledger-dir": str(tmp_path / "ledger"), "source-digest": load_source(checkpoint)[2]}
     grid = RecordingGrid(client_app, [node])
     result = federate(grid, cfg, tmp_path)
     metrics = dict(grid.replies[0].content["metrics"])
