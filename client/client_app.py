@@ -7,7 +7,9 @@ Node config (deployment, `flower-supernode --node-config`):
   domain      fundus: which domain's CSV; synthetic: which style (no data-root needed)
   state-dir   where the site keeps its state between rounds and processes
   checkpoint  optional: a local copy of the source model (else the coordinator sends it once)
-  max-epsilon optional: the site's own privacy budget; the coordinator's configuration cannot raise it
+  max-epsilon, max-delta, min-noise-multiplier, min-images, ledger-dir, source-digest: the site's own
+              privacy limits, required for a deployed site (client/limits.py); the coordinator cannot
+              raise them, a round asking for more is refused with an error naming the limit
 In simulation, partition-id picks the site from the configured list and the state lives under the
 coordinator's state root.
 """
@@ -23,19 +25,26 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.limits import SiteLimits
 from client.protocol import audit, layer_tensors, reply_content
-from client.site import Site, SiteConfig, load_source, open_site_data
+from client.site import Site, SiteConfig, load_source, open_site_data, weights_digest
 from grata.config import DataConfig, open_domain
 from grata.data import first_readable
 from grata.models import ModelConfig, ResUNet, save_checkpoint
 
 app = ClientApp()
-PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\":,;)]+")
+# A path runs from its first separator to the end of its quotes or of the line: spaces do not end it
+# (a path with a space must not leak its tail). Over-redacting a message's tail is the safe side.
+QUOTED = re.compile(r"""(['"])(?:[A-Za-z]:)?[/\\~][^'"]*\1""")
+BARE = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[/\\]|~/)\S.*$", re.MULTILINE)
 
 
-def redact(text: str) -> str:
-    """An error the coordinator may see: the site's file paths are replaced (they stay in the site's log)."""
-    return PATH.sub("<path>", text)
+def redact(text: str, known: tuple[str, ...] = ()) -> str:
+    """An error the coordinator may see: the site's file paths are replaced (they stay in the site's log).
+    known: the site's own paths (data root, state folder), removed wherever they appear first."""
+    for path in sorted((k for k in known if k and len(k) > 1), key=len, reverse=True):
+        text = text.replace(path, "<path>")
+    return BARE.sub("<path>", QUOTED.sub("<path>", text))
 
 
 def site_errors(handler):
@@ -46,14 +55,24 @@ def site_errors(handler):
             return handler(msg, context)
         except Exception as exc:
             traceback.print_exc()
-            raise RuntimeError(redact(f"{type(exc).__name__}: {exc}")) from None
+            known = tuple(str(context.node_config.get(k, "")) for k in ("data-root", "state-dir", "ledger-dir", "checkpoint"))
+            raise RuntimeError(redact(f"{type(exc).__name__}: {exc}", known)) from None
     return wrapped
+
+
+def deployed(context: Context) -> bool:
+    """A deployed site names its own data in its node config (simulated ones get a partition id)."""
+    return "data-root" in context.node_config or "domain" in context.node_config
+
+
+def site_limits(context: Context, cfg: SiteConfig, state_dir: Path) -> SiteLimits:
+    return SiteLimits.from_node(context.node_config, deployed(context), cfg, state_dir / "ledger")
 
 
 def site_identity(context: Context, cfg: SiteConfig) -> tuple[str, object, Path]:
     """(site name, its dataset, its state folder) from the node config."""
     node = context.node_config
-    if "data-root" in node or "domain" in node:  # a deployed site names its own data
+    if deployed(context):
         kind = str(node.get("data-kind", "folder" if "data-root" in node else cfg.data["kind"]))
         data = replace(DataConfig(**{k: v for k, v in cfg.data.items() if k in DataConfig.__dataclass_fields__}),
                        kind=kind, root=str(node.get("data-root", cfg.data["root"])))
@@ -94,9 +113,12 @@ def query(msg: Message, context: Context) -> Message:
     cfg, name, dataset, state_dir, config = _setup(msg, context)
     first = first_readable(dataset, cfg.data.get("on_error", "raise"))  # the skip rule applies here too
     labelled = first is not None and first.mask is not None
+    site_limits(context, cfg, state_dir).check(cfg)  # refuse a run that asks for more, before it starts
     site = {"name": name, "status": "ok", "has_model": find_model(state_dir, context, config) is not None,
             "images_total": len(dataset), "labelled": labelled}
-    return Message(RecordDict({"site": ConfigRecord(site)}), reply_to=msg)
+    content = RecordDict({"site": ConfigRecord(site)})
+    audit(content, "query")
+    return Message(content, reply_to=msg)
 
 
 @app.train()
@@ -104,16 +126,26 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Adapt over this round's chunk and reply with what the variant allows."""
     cfg, name, dataset, state_dir, config = _setup(msg, context)
+    limits = site_limits(context, cfg, state_dir)
+    limits.check(cfg)  # before any work: a coordinator asking for more than the node config allows is refused
+    limits.check_digest(str(config["model_digest"]))
     if "model" in msg.content:  # the coordinator sent the source model: keep it for later rounds
         model = ResUNet(ModelConfig(**json.loads(str(config["model_config"]))))
         model.load_state_dict(msg.content["model"].to_torch_state_dict())
+        digest = weights_digest(model)
+        if digest != str(config["model_digest"]):
+            raise RuntimeError(f"site {name}: the model sent has digest {digest[:12]}, not the announced one")
+        limits.check_digest(digest)
         save_checkpoint(state_dir / "source_model.pt", model, shift_reference=float(config["shift_reference"]),
                         quality=json.loads(str(config["quality"])))
     model_path = find_model(state_dir, context, config)
     if model_path is None:
         raise RuntimeError(f"site {name}: no source model matching digest {config['model_digest'][:12]}")
-    cap = context.node_config.get("max-epsilon")
-    site = Site(name, dataset, state_dir, cfg, model_path, max_epsilon=float(cap) if cap is not None else None)
+    # a deployed site's ledger is keyed to what its own node config says its data is, never to values
+    # the coordinator sends (which it could vary to open a fresh ledger)
+    identity = ({"site": name, **{k: str(context.node_config.get(k, "")) for k in ("data-kind", "data-root", "domain")}}
+                if deployed(context) else None)
+    site = Site(name, dataset, state_dir, cfg, model_path, limits=limits, identity=identity)
     if bool(config.get("reset", False)):
         site.reset_to_source()
     if "pooled" in msg.content:
@@ -124,5 +156,5 @@ def train(msg: Message, context: Context) -> Message:
         site.set_affine(layer_tensors(msg.content["affine"], ("weight", "bias")))
     out = site.run_round(int(config["round"]))
     content = reply_content(name, out)
-    audit(content, cfg.variant)  # fail closed: nothing outside the allowed list leaves the site
+    audit(content, cfg.variant, [m1.numel() for m1, _ in site.refs])  # fail closed: nothing outside the allowed list leaves the site
     return Message(content, reply_to=msg)

@@ -3,16 +3,21 @@
 Each round the site adapts online over its next chunk of images and returns what it may share (see
 client/protocol.py). The site's state lives in its state folder, so a fresh process (deployment
 starts one per message) continues exactly where the last left off:
-  site.pt           adapter state (BN layers, optimizer, RNG), stream position, privacy accountant
+  site.pt           adapter state (BN layers, optimizer, RNG), stream position (loaded weights_only)
   source_model.pt   the source model, when the coordinator had to send it
   overlays/         a few predictions drawn over their images; they stay at the site
+The privacy ledger is not here: it lives in the node config's ledger-dir, keyed to the site's data
+(grata/ledger.py), so a wiped state folder or a new run does not reset the budget.
+
+In the private variant (fed_stats) a site sends, besides its image counts, only noised values: the
+BN statistics of the frozen source pass and the Dice proxy's mean (grata/privacy.py), under one
+ledger; the alignment summary, timings and the proxy's parts are not sent (docs/privacy.md).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -28,7 +33,10 @@ from grata.data import StreamReport, stream
 from grata.metrics import score
 from grata.models import ResUNet, load_checkpoint
 from grata.overlay import save_overlay
-from grata.privacy import PrivateMoments, source_moments
+from client.limits import LimitRefused, SiteLimits
+from grata.ledger import Ledger, data_key
+from grata.privacy import SCALAR_FIELDS, PrivateMoments, PrivateScalars, SourcePass, clip_relative, from_relative, source_moments, \
+    split, to_relative
 from grata.proxy import alignment_summary
 
 VARIANTS = ("local_only", "fed_stats", "fed_affine")
@@ -50,11 +58,22 @@ class SiteConfig:
     epsilon: float = 8.0
     delta: float = 1e-5
     accountant: str = "rdp"
+    min_images: int = 2  # fewest images per release asked for; the site's own min-images can only raise it
+    metrics_share: float = 0.1  # the share of each round's privacy budget spent on the Dice proxy
+    report_dice: bool = True  # evaluation runs ask for labelled Dice; a deployed site sends it only if its node config allows
     state_root: str = ""  # simulation: where sites without a state-dir node config keep their state
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r}: choose one of {VARIANTS}")
+        if self.rounds < 1 or self.min_images < 1 or not 0 < self.metrics_share < 1:
+            raise ValueError(f"site config: rounds >= 1, min_images >= 1, 0 < metrics_share < 1 required, got "
+                             f"{self.rounds}, {self.min_images}, {self.metrics_share}")
+
+    @property
+    def private(self) -> bool:
+        """The variant whose every data-dependent value leaves noised."""
+        return self.variant == "fed_stats"
 
 
 def weights_digest(model: ResUNet) -> str:
@@ -79,16 +98,20 @@ def _load_source(path: str, size: int, mtime: int) -> tuple[ResUNet, dict, str]:
     return model, {k: v for k, v in meta.items() if k in ("shift_reference", "quality")}, weights_digest(model)
 
 
-def chunk(n: int, rounds: int, rnd: int) -> range:
-    """The images of round `rnd` (1-based) when n images are split evenly over `rounds` rounds."""
-    return range(math.floor((rnd - 1) * n / rounds), math.floor(rnd * n / rounds))
+def chunk(n: int, rounds: int, rnd: int, min_images: int = 1) -> range:
+    """The images of round `rnd` (1-based): n images split evenly over at most `rounds` rounds, so that
+    every chunk holds at least min_images (the site's rule, whatever `rounds` the coordinator asks);
+    rounds past the last chunk get no images. n < min_images: one chunk, too small to be released."""
+    used = max(1, min(rounds, n // max(1, min_images)))
+    if rnd > used:
+        return range(n, n)
+    return range(math.floor((rnd - 1) * n / used), math.floor(rnd * n / used))
 
 
 @dataclass
 class SiteState:
     adapter: dict[str, Any] | None = None
     last_round: int = 0
-    privacy_history: list = field(default_factory=list)
     resets: int = 0
     last_reply: dict[str, Any] | None = None  # resent unchanged if the coordinator asks for that round again
 
@@ -97,12 +120,16 @@ class Site:
     """A site named `name` adapting over `dataset` with its state in `state_dir`."""
 
     def __init__(self, name: str, dataset, state_dir: Path, cfg: SiteConfig, model_path: Path,
-                 max_epsilon: float | None = None) -> None:
-        """max_epsilon: the site's own privacy budget (node config); the coordinator's cannot raise it."""
+                 limits: SiteLimits | None = None, identity: dict | None = None) -> None:
+        """limits: the site's own (node config; in simulation what the run asks, ledger in state_dir);
+        identity: what names its data for the ledger (default: the site name and its data settings)."""
         self.name, self.dataset, self.cfg = name, dataset, cfg
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        model, meta, _ = load_source(model_path)
+        self.limits = limits or SiteLimits.from_node({}, False, cfg, self.state_dir / "ledger")
+        self.limits.check(cfg)  # a coordinator asking for more than the site allows is refused here
+        model, meta, digest = load_source(model_path)
+        self.limits.check_digest(digest)
         # no global torch.manual_seed here: sites run side by side in threads (InlineGrid with a round
         # timeout), and the adapter draws its augmentations from its own seeded generator
         self.adapter: Adapter = build_adapter(cfg.adapter, model, seed=cfg.seed, shift_reference=meta.get("shift_reference"),
@@ -114,14 +141,15 @@ class Site:
         self.state = self._load_state()
         if self.state.adapter is not None:
             self.adapter.load_state_dict(self.state.adapter)
-        self.private = None
-        if cfg.variant == "fed_stats":
-            budget = cfg.epsilon if max_epsilon is None else min(cfg.epsilon, max_epsilon)
-            self.private = PrivateMoments(source_moments(self.adapter.norms), cfg.clip, cfg.noise_multiplier,
-                                          budget, cfg.delta, cfg.accountant, list(self.state.privacy_history))
-        # The privacy noise must be unknown to the coordinator (it could otherwise regenerate and subtract
-        # it), so it is drawn from the OS's entropy, never from the configuration's seed.
-        self.noise = torch.Generator().manual_seed(secrets.randbits(63))
+        self.refs = source_moments(self.adapter.norms)  # the source's running statistics: public
+        self.min_images = max(cfg.min_images, self.limits.min_images)
+        self.ledger = self.source = None
+        if cfg.private:
+            ident = identity or {"site": name, **{k: cfg.data.get(k) for k in ("kind", "root", "size", "seed")}}
+            self.ledger = Ledger(self.limits.ledger_dir, data_key(ident), cfg.accountant)
+            # the released statistics come from the frozen source model, one image at a time: one
+            # image's contribution cannot depend on another image or on the adaptation state
+            self.source = SourcePass(model)
 
     # --- state ---------------------------------------------------------------------------------------
     @property
@@ -132,16 +160,14 @@ class Site:
         if not self.state_file.is_file():
             return SiteState()
         try:
-            raw = torch.load(self.state_file, map_location="cpu", weights_only=False)
-            return SiteState(**raw)
+            raw = torch.load(self.state_file, map_location="cpu", weights_only=True)  # tensors and plain data only
+            return SiteState(**{k: v for k, v in raw.items() if k in SiteState.__dataclass_fields__})
         except Exception as exc:  # noqa: BLE001
             raise RuntimeError(f"site {self.name}: cannot read its state {self.state_file}: {exc}") from exc
 
     def save(self) -> None:
         """Atomically: a site killed while saving keeps its previous round's state."""
         self.state.adapter = self.adapter.state_dict()
-        if self.private is not None:
-            self.state.privacy_history = self.private.history
         tmp = self.state_file.with_suffix(".tmp")
         torch.save(self.state.__dict__, tmp)
         tmp.replace(self.state_file)
@@ -152,17 +178,41 @@ class Site:
         self.adapter.reset()
         self.state.resets += 1
 
-    def set_pooled(self, moments: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
-        self.adapter.set_pooled(moments, weight)
+    def set_pooled(self, moments: list[tuple[torch.Tensor, torch.Tensor]], weight: float | list[float]) -> None:
+        """Mix the coordinator's pooled statistics in, bounded by what honest pooling could produce: each
+        layer's offset from the source is clipped to clip / sqrt(L) (a mean of clipped images is never
+        longer), and every share to the node config's max-pooled-weight."""
+        if len(moments) != len(self.refs):
+            raise ValueError(f"pooled statistics for {len(moments)} layers, the model has {len(self.refs)}")
+        bound = self.cfg.clip / math.sqrt(len(self.refs))
+        bounded = []
+        for (m1, m2), ref in zip(moments, self.refs):
+            if m1.shape != ref[0].shape or m2.shape != ref[0].shape or not (torch.isfinite(m1).all() and torch.isfinite(m2).all()):
+                raise ValueError("pooled statistics do not match the source model's BN layers or are not finite")
+            z = clip_relative(to_relative(m1[None].float(), m2[None].float(), ref), bound)[0]
+            bounded.append(from_relative(z, ref))
+        cap = self.limits.max_pooled_weight
+        weight = [min(max(float(w), 0.0), cap) for w in weight] if isinstance(weight, list) else min(max(float(weight), 0.0), cap)
+        self.adapter.set_pooled(bounded, weight)
 
     def set_affine(self, affine: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Continue from the coordinator's averaged BN affine parameters (the optimizer state is kept)."""
+        """Continue from the coordinator's averaged BN affine parameters (the optimizer state is kept),
+        each clipped to within max-affine-shift of the source model's (node config)."""
         if len(affine) != len(self.adapter.norms):
             raise ValueError(f"affine parameters for {len(affine)} layers, the model has {len(self.adapter.norms)}")
+        shift = self.limits.max_affine_shift
+        source = self.adapter.source_state
         with torch.no_grad():
-            for layer, (w, b) in zip(self.adapter.norms, affine):
-                layer.weight.copy_(w)
-                layer.bias.copy_(b)
+            for (name, layer), (w, b) in zip(self._norm_names(), affine):
+                w0, b0 = source[f"{name}.weight"], source[f"{name}.bias"]
+                if w.shape != w0.shape or b.shape != b0.shape or not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+                    raise ValueError(f"affine parameters for layer {name} do not match the model or are not finite")
+                layer.weight.copy_(torch.clamp(w, w0 - shift, w0 + shift))
+                layer.bias.copy_(torch.clamp(b, b0 - shift, b0 + shift))
+
+    def _norm_names(self) -> list[tuple[str, torch.nn.Module]]:
+        by_id = {id(m): n for n, m in self.adapter.model.named_modules()}
+        return [(by_id[id(layer)], layer) for layer in self.adapter.norms]
 
     # --- the round ---------------------------------------------------------------------------------
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -172,8 +222,9 @@ class Site:
         if rnd <= self.state.last_round:
             raise RuntimeError(f"site {self.name}: round {rnd} was already done (state at round {self.state.last_round})")
         torch.set_num_threads(max(1, self.cfg.threads))
-        indices = chunk(len(self.dataset), self.cfg.rounds, rnd)
+        indices = chunk(len(self.dataset), self.cfg.rounds, rnd, self.min_images)
         report, steps, proxies, scores = StreamReport(), [], [], []
+        stats = PrivateMoments(self.refs, self.cfg.clip, 1.0) if self.cfg.private else None
         t0 = time.perf_counter()
         resets_before = getattr(self.adapter, "guard_resets", 0)
         for sample in stream(self.dataset, self.cfg.data.get("on_error", "raise"), report, indices=indices):
@@ -183,39 +234,62 @@ class Site:
             step = dict(self.adapter.last_step)  # holds the label-free quality estimate of what was predicted
             proxies.append({"dice_proxy": step["quality"], "fallback_share": step["fallback"]})
             steps.append(step)
-            if self.private is not None:
-                self.private.add(self.adapter.image_moments())
-            if sample.mask is not None:  # evaluation only: labels never reach the adapter
+            if stats is not None:
+                stats.add(self.source.moments(x))
+            if sample.mask is not None and self.limits.report_dice:  # evaluation only: labels never reach the adapter
                 scores.append({k: float(v[0]) for k, v in score(logits, sample.mask[None]).items()})
             if len(proxies) == 1 and rnd > self.cfg.rounds - self.cfg.overlays:  # the last rounds' first images
                 save_overlay(self.state_dir / "overlays" / f"round{rnd:02d}_{len(proxies):02d}.png",
                              sample.image, probs[0], sample.mask)
         seconds = time.perf_counter() - t0
-        metrics: dict[str, Any] = {"images": len(proxies), "skipped": len(report.skipped), "seconds": seconds,
-                                   "guard_resets": getattr(self.adapter, "guard_resets", 0) - resets_before}
-        if proxies:
-            for key in proxies[0]:
-                metrics[key] = float(np.mean([p[key] for p in proxies]))
-        metrics.update(alignment_summary(steps))
+        metrics: dict[str, Any] = {"images": len(proxies), "skipped": len(report.skipped)}
         if scores:
             for key in ("dice_disc", "dice_cup", "dice_mean"):
                 metrics[key] = float(np.mean([s[key] for s in scores]))
         out: dict[str, Any] = {"metrics": metrics, "skipped": report.skipped}
-        if self.private is not None:
-            released = self.private.release(self.noise)
-            out["privacy"] = {"dp_epsilon": self.private.spent(), "dp_delta": self.cfg.delta,
-                              "dp_noise_std": self.private.noise_std, "dp_released": float(released is not None)}
-            if released is not None:
-                out["stats"], out["metrics"]["stats_images"] = released
-            elif proxies:  # the budget is spent: the site keeps adapting and says why it releases nothing
-                out["status"] = "budget_exhausted"
-                print(f"site {self.name}: privacy budget epsilon {self.private.epsilon:g} would be exceeded; "
-                      f"no statistics released from round {rnd} on", flush=True)
+        if self.cfg.private:
+            self._release(rnd, stats, proxies, out)
+        else:  # the plain variants share exact values (docs/privacy.md: not covered by any epsilon)
+            metrics.update(seconds=seconds, guard_resets=getattr(self.adapter, "guard_resets", 0) - resets_before)
+            if proxies:
+                for key in proxies[0]:
+                    metrics[key] = float(np.mean([p[key] for p in proxies]))
+            metrics.update(alignment_summary(steps))
         if self.cfg.variant == "fed_affine":
             out["affine"] = [(n.weight.detach().clone(), n.bias.detach().clone()) for n in self.adapter.norms]
         self.state.last_round, self.state.last_reply = rnd, out
         self.save()
         return out
+
+    def _release(self, rnd: int, stats: PrivateMoments, proxies: list[dict[str, float]], out: dict[str, Any]) -> None:
+        """The private variant's release: noised statistics and proxy mean, accounted in the ledger first."""
+        # one round's budget, split: BN statistics, and each declared per-image scalar field equally
+        fields = list(SCALAR_FIELDS)
+        shares = {"stats": 1 - self.cfg.metrics_share, **{f: self.cfg.metrics_share / len(fields) for f in fields}}
+        sigmas = split(self.cfg.noise_multiplier, shares)
+        released, proxy_std = False, 0.0
+        if stats.count < self.min_images:
+            out["status"] = "below_min_images" if stats.count else "ok"
+        elif self.ledger.would_spend(list(sigmas.values()), self.cfg.delta) > self.limits.max_epsilon * (1 + 1e-9):
+            out["status"] = "budget_exhausted"  # the site keeps adapting and says why it releases nothing
+            print(f"site {self.name}: privacy budget max-epsilon {self.limits.max_epsilon:g} would be exceeded; "
+                  f"nothing released from round {rnd} on", flush=True)
+        else:
+            self.ledger.record(list(sigmas.values()))  # accounted before anything is computed to leave
+            stats.noise_multiplier = sigmas["stats"]
+            out["stats"], out["metrics"]["stats_images"] = stats.release()
+            scalars = PrivateScalars({f: sigmas[f] for f in fields})
+            for p in proxies:
+                for f in fields:
+                    scalars.add(f, p[f])
+            for f, (mean, std) in scalars.release().items():
+                out["metrics"][f] = mean
+                if f == "dice_proxy":
+                    proxy_std = std
+            released = True
+        out["privacy"] = {"dp_epsilon": self.ledger.spent(self.cfg.delta), "dp_delta": self.cfg.delta,
+                          "dp_noise_std": stats.noise_multiplier * stats.sensitivity if released else 0.0,
+                          "dp_proxy_std": proxy_std, "dp_released": float(released)}
 
 
 def open_site_data(cfg: SiteConfig, domain: str):
@@ -223,4 +297,4 @@ def open_site_data(cfg: SiteConfig, domain: str):
     return open_domain(data, domain, data.site_split)
 
 
-__all__ = ["Site", "SiteConfig", "SiteState", "VARIANTS", "chunk", "load_source", "open_site_data", "weights_digest"]
+__all__ = ["LimitRefused", "Site", "SiteConfig", "SiteState", "VARIANTS", "chunk", "load_source", "open_site_data", "weights_digest"]

@@ -1,19 +1,21 @@
-"""Certificates and keys for a deployment: `python -m server.certs OUT [--host NAME ...] [--nodes N]`.
+"""Certificates and keys for a deployment.
 
-Writes into OUT:
+On the coordinator's host: `python -m server.certs OUT [--host NAME ...]` writes into OUT
   ca.pem, ca.key              a private certificate authority (keep ca.key offline in production)
   superlink.pem, superlink.key  the SuperLink's TLS certificate, signed by the CA, valid for the
                               given host names / IP addresses (default: localhost, 127.0.0.1)
-  node<i>.key, node<i>.pub    each SuperNode's EC P-384 key pair for node authentication; the
-                              public keys are registered with the SuperLink (`flwr supernode register`)
-Uses `cryptography` (a Flower dependency); private keys are written with mode 0600.
+On each site's own host: `python -m server.certs OUT --site NAME` writes
+  NAME.key, NAME.pub          the SuperNode's EC P-384 key pair for node authentication; only
+                              NAME.pub leaves the site (the coordinator registers it with
+                              `flwr supernode register`); no one else ever holds NAME.key
+Uses `cryptography` (a Flower dependency). Private keys are created with mode 0600 atomically (a
+0600 temporary file renamed into place), never written first and restricted after.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -21,14 +23,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from grata.ledger import write_private
+
 VALID_DAYS = 365
 
 
 def _write_key(path: Path, key, openssh: bool = False) -> None:
     """PKCS8 PEM for TLS keys; OpenSSH format for SuperNode keys (what flower-supernode reads)."""
     fmt = serialization.PrivateFormat.OpenSSH if openssh else serialization.PrivateFormat.PKCS8
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
-    os.chmod(path, 0o600)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
 
 
 def _name(common: str) -> x509.Name:
@@ -73,22 +76,24 @@ def make_server_cert(out: Path, ca_key, ca_cert: x509.Certificate, hosts: list[s
     (out / "superlink.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def make_node_keys(out: Path, index: int) -> Path:
-    """An EC P-384 key pair for SuperNode authentication; returns the public key's path."""
+def make_site_key(out: str | Path, name: str) -> Path:
+    """A site's EC P-384 key pair for SuperNode authentication, made on the site's own host; returns
+    the public key's path (the only part that leaves the site)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_key(out / f"node{index}.key", key, openssh=True)
-    pub = out / f"node{index}.pub"
+    _write_key(out / f"{name}.key", key, openssh=True)
+    pub = out / f"{name}.pub"
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return pub
 
 
-def make_all(out: str | Path, hosts: list[str] | None = None, nodes: int = 2) -> Path:
+def make_all(out: str | Path, hosts: list[str] | None = None) -> Path:
+    """The coordinator's CA and SuperLink certificate; no site's key (each site makes its own)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = make_ca(out)
     make_server_cert(out, ca_key, ca_cert, hosts or ["localhost", "127.0.0.1"])
-    for i in range(nodes):
-        make_node_keys(out, i)
     return out
 
 
@@ -96,9 +101,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--host", action="append", help="a SuperLink host name or IP (repeat); default localhost, 127.0.0.1")
-    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--site", help="make this site's own key pair instead (run it on the site's host)")
     args = parser.parse_args()
-    print(f"written to {make_all(args.out, args.host, args.nodes)}")
+    if args.site:
+        print(f"public key (send this file, and only this, to the coordinator): {make_site_key(args.out, args.site)}")
+    else:
+        print(f"written to {make_all(args.out, args.host)}")
 
 
 if __name__ == "__main__":

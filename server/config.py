@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from grata.config import MethodConfig
-from grata.privacy import ACCOUNTANTS
+from grata.privacy import ACCOUNTANTS, AGGREGATIONS
 from grata.train_source import TrainSourceConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -44,8 +44,13 @@ class FederationConfig:
     fallback_flag: float = 0.5  # flag a site that fell back to the source model on more than this share of a round's images
     round_timeout_s: float = 0.0  # 0: wait for every site
     min_sites: int = 1  # fewer replies than this ends the run as failed
+    aggregation: str = "mean"  # across sites: mean (by capped image counts), median or trimmed_mean (one vote per site)
+    trim: float = 0.2  # trimmed_mean: the share of sites dropped at each end of every coordinate
 
     def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS or not 0 <= self.trim < 0.5:
+            raise ValueError(f"federation.aggregation={self.aggregation!r} (choose from {AGGREGATIONS}) "
+                             f"and 0 <= federation.trim < 0.5 (got {self.trim})")
         if self.rounds < 1:
             raise ValueError(f"federation.rounds={self.rounds} must be >= 1")
         if not 0 <= self.pooled_weight <= 1:
@@ -62,10 +67,15 @@ class PrivacyConfig:
     delta: float = 1e-5
     clip: float = 2.0  # per-image L2 bound of its source-relative BN moments (grata/privacy.py)
     accountant: str = "rdp"
+    min_images: int = 2  # fewest images per release asked of every site (a site's node config may raise it)
+    metrics_share: float = 0.1  # share of each round's budget spent on the noised Dice proxy (the rest: BN statistics)
+    report_dice: bool = True  # ask labelled sites for Dice (evaluation only; a deployed site needs report-dice in its node config)
 
     def __post_init__(self) -> None:
         if self.epsilon <= 0 or not 0 < self.delta < 1 or self.clip <= 0:
             raise ValueError(f"privacy: epsilon > 0, 0 < delta < 1 and clip > 0 are required, got {self}")
+        if self.min_images < 1 or not 0 < self.metrics_share < 1:
+            raise ValueError(f"privacy: min_images >= 1 and 0 < metrics_share < 1 are required, got {self}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"privacy.accountant={self.accountant!r}: choose one of {ACCOUNTANTS}")
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from client.protocol import MAX_IMAGES
 from grata.adapters.grata import cus
-from grata.privacy import pool
+from grata.privacy import pool, robust_mean
 from server.config import AffineWeighting, FederationConfig, Variant
 
 
@@ -32,6 +33,7 @@ class Coordinator:
     refs: list[tuple[torch.Tensor, torch.Tensor]]  # the source's per-layer BN (mean, var): public
     sites: dict[str, SiteRecord] = field(default_factory=dict)
     releases: list[tuple[list[torch.Tensor], int, float]] = field(default_factory=list)
+    release_sites: list[str] = field(default_factory=list)  # the site of each release (robust pooling)
     pooled: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     pooled_kept: list[float] = field(default_factory=list)
     affine: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -49,8 +51,10 @@ class Coordinator:
         proxy = metrics.get("dice_proxy")
         if proxy is None:
             return False
+        # a noised proxy (fed_stats) flags only a drop the privacy noise cannot explain (3 sigma of a difference)
+        margin = self.cfg.proxy_margin + 3 * 2**0.5 * float(metrics.get("dp_proxy_std", 0.0))
         fell_back = metrics.get("fallback_share", 0.0) > self.cfg.fallback_flag
-        if fell_back or rec.best_proxy is not None and proxy < rec.best_proxy - self.cfg.proxy_margin:
+        if fell_back or rec.best_proxy is not None and proxy < rec.best_proxy - margin:
             rec.flagged.append(rnd)
             if self.cfg.reset_on_drop:
                 rec.reset_next = True
@@ -69,12 +73,13 @@ class Coordinator:
         """Released statistics must match the source model layer by layer, from > 0 images, with noise."""
         if len(sums) != len(self.refs) or any(s.shape != (2 * ref[0].numel(),) for s, ref in zip(sums, self.refs)):
             raise ValueError("released statistics do not match the source model's BN layers")
-        if count <= 0 or not noise_std > 0:
-            raise ValueError(f"a release needs images (got {count}) and noise (std {noise_std})")
+        if not 0 < count <= MAX_IMAGES or not noise_std > 0:
+            raise ValueError(f"a release needs 1..{MAX_IMAGES} images (got {count}) and noise (std {noise_std})")
 
-    def add_release(self, sums: list[torch.Tensor], count: int, noise_std: float) -> None:
+    def add_release(self, sums: list[torch.Tensor], count: int, noise_std: float, site: str = "") -> None:
         self.check_release(sums, count, noise_std)
         self.releases.append((sums, count, noise_std))
+        self.release_sites.append(site)
 
     def check_affine(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """A site's BN affine parameters must match the source model layer by layer, finite."""
@@ -87,19 +92,21 @@ class Coordinator:
 
         affine: site -> (per-layer (weight, bias), aggregation weight), from sites not being reset.
         """
+        how = self.cfg.aggregation
         if self.cfg.variant == Variant.fed_stats and self.releases:
-            self.pooled, self.pooled_kept = pool(self.releases, self.refs)
+            self.pooled, self.pooled_kept = pool(self.releases, self.refs, self.release_sites, how, self.cfg.trim)
         if self.cfg.variant == Variant.fed_affine and affine:
             total = sum(w for _, w in affine.values())
             if total <= 0:  # every site's gradients conflicted: fall back to plain weights
                 affine = {k: (layers, 1.0) for k, (layers, _) in affine.items()}
-                total = float(len(affine))
+            weights = torch.tensor([w for _, w in affine.values()], dtype=torch.float64)
             n_layers = len(next(iter(affine.values()))[0])
-            self.affine = [tuple(sum(w * layers[i][j] for layers, w in affine.values()) / total for j in (0, 1))
+            self.affine = [tuple(robust_mean(torch.stack([layers[i][j].double() for layers, _ in affine.values()]),
+                                             how, self.cfg.trim, weights).float() for j in (0, 1))
                            for i in range(n_layers)]
 
     def affine_weight(self, metrics: dict[str, float]) -> float:
-        n = float(metrics.get("images", 0))
+        n = float(min(max(metrics.get("images", 0), 0), MAX_IMAGES))  # the protocol's cap, whatever a site claims
         if self.cfg.affine_weighting == AffineWeighting.alignment and "align_cos_mean" in metrics:
             return n * cus(metrics["align_cos_mean"])
         return n

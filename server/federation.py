@@ -23,10 +23,13 @@ from grata.config import resolve_root
 from grata.privacy import calibrate, source_moments
 from grata.progress import Progress
 from grata.train_source import ensure_source
-from server.config import FederateConfig, Variant, resolved
-from server.coordinator import Coordinator
+from server.config import AffineWeighting, FederateConfig, FederationConfig, Variant, resolved
+from server.coordinator import Coordinator, SiteRecord
 from server.report import mean_row, site_summary, write_report
 from server.tracking import Tracker, flatten
+
+# what a coordinator's saved progress may hold besides tensors and plain data (torch.load weights_only)
+torch.serialization.add_safe_globals([Coordinator, SiteRecord, FederationConfig, Variant, AffineWeighting])
 
 MEAN_KEYS = ("dice_proxy", "align_cos_mean", "lr_mean", "entropy", "dp_epsilon", "dice_disc", "dice_cup", "dice_mean")
 
@@ -64,7 +67,7 @@ def load_progress(run_dir: Path, config: dict) -> dict[str, Any]:
     path = run_dir / "coordinator.pt"
     if not path.is_file():
         raise FileNotFoundError(f"resume: {path} does not exist (no finished round to resume from)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and the allow-listed classes below
     differ = config_diff(state["config"], config)
     if differ:
         raise ValueError(f"resume: {run_dir} was run with another configuration; these settings differ "
@@ -92,6 +95,11 @@ def introduce(grid: Grid, cfg: FederateConfig, common: dict[str, Any]) -> dict[i
     for nid, reply in intro.items():
         if reply.has_error():
             print(f"node {nid} could not introduce itself: {reply.error.reason}")
+            continue
+        try:
+            audit(reply.content, "query")
+        except ReplyRejected as exc:
+            print(f"node {nid}: introduction not used: {exc}")
             continue
         sites[nid] = dict(reply.content["site"])
     if len(sites) < cfg.federation.min_sites:
@@ -128,7 +136,7 @@ def accept(reply: Message | None, variant: Variant, coord: Coordinator):
         raise ReplyRejected("no reply within the round timeout")
     if reply.has_error():
         raise ReplyRejected(f"site error: {reply.error.reason}")
-    inventory = audit(reply.content, variant.value)
+    inventory = audit(reply.content, variant.value, [mu.numel() for mu, _ in coord.refs])
     metrics = dict(reply.content["metrics"])
     if "privacy" in reply.content:
         metrics.update(reply.content["privacy"])
@@ -163,7 +171,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                           variant=variant.value, rounds=rounds, seed=cfg.seed, threads=cfg.threads,
                           overlays=cfg.mlflow.overlays, clip=cfg.privacy.clip, noise_multiplier=sigma,
                           epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-                          state_root=str((run_dir / "sites").resolve()))
+                          min_images=cfg.privacy.min_images, metrics_share=cfg.privacy.metrics_share,
+                          report_dice=cfg.privacy.report_dice, state_root=str((run_dir / "sites").resolve()))
     common = {"site_config": json.dumps(asdict(site_cfg)), "model_digest": digest, "model_hint": str(checkpoint.resolve())}
     config = resolved(cfg)
     progress = load_progress(run_dir, config) if resume else None  # fail before any site is asked
@@ -175,7 +184,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
         f"{s['name']} ({s['images_total']} images{', labelled' if s['labelled'] else ''})" for s in sites.values()))
     if variant == Variant.fed_stats:
         print(f"  privacy: epsilon {cfg.privacy.epsilon}, delta {cfg.privacy.delta} over {rounds} releases "
-              f"-> noise multiplier {sigma:.3f}, clip {cfg.privacy.clip}")
+              f"-> noise multiplier {sigma:.3f} per round (BN statistics {sigma / (1 - cfg.privacy.metrics_share) ** 0.5:.3f}, "
+              f"Dice proxy {sigma / cfg.privacy.metrics_share ** 0.5:.3f}), clip {cfg.privacy.clip}")
 
     # the coordinator names each site's stream by its label only: a site's paths stay at the site
     datasets = {str(s["name"]): {"kind": cfg.data.kind, "source": f"{cfg.data.kind}:{s['name']}",
@@ -216,7 +226,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                     failed[name] = {"reply_failed": 1.0}
                     continue
                 if release is not None:
-                    coord.add_release(*release)
+                    coord.add_release(*release, site=name)
                 needs_model.discard(nid)
                 flagged = coord.observe(name, rnd, {**metrics, "reset": float(resets[name])})  # counted in the summary
                 if layers is not None and not flagged:  # a drifting site's parameters are not averaged in

@@ -2,11 +2,14 @@
 
 Each SITE is `name=domain` (a synthetic style or fundus domain of the configured data) or
 `name=/path/to/images` (an unlabelled image folder). The command
-  1. makes a CA, the SuperLink's TLS certificate and one key pair per SuperNode (server/certs.py),
-     unless they exist in the deployment folder;
-  2. starts a SuperLink with TLS and SuperNode authentication (`--insecure` only when asked), and
-     registers every site's public key with `flwr supernode register`;
-  3. starts one SuperNode per site, each with its own port, data and state folder (node config);
+  1. makes a CA and the SuperLink's TLS certificate (server/certs.py), and in each site's own folder
+     its key pair (as the site would on its host); only the public keys are copied out;
+  2. starts a SuperLink with TLS and SuperNode authentication (`--insecure` only when asked), bound to
+     127.0.0.1 (its Control API shares the port and has no authentication of its own: docs/privacy.md),
+     and registers every site's public key with `flwr supernode register`;
+  3. starts one SuperNode per site, each with its own port, data and state folder, and its own privacy
+     limits in its node config (max-epsilon, max-delta, min-noise-multiplier, min-images, a ledger
+     folder outside the run, and the pinned source digest; client/limits.py);
   4. runs the federation with `flwr run . <connection>` and reads the run's true status (`flwr ls`);
   5. stops every process it started, also on failure. Exit code 0 only for finished:completed.
 Everything lives in the deployment folder (--dir, default runs/deploy): certs/, flwr/ (FLWR_HOME),
@@ -24,7 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from server.certs import make_all, make_node_keys
+from client.site import load_source
+from grata.train_source import ensure_source
+from server.certs import make_all, make_site_key
 from server.config import load_config
 from simulations.flwr_cli import BIN, ROOT, flwr, run_federation
 
@@ -55,19 +60,23 @@ class Deployment:
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return flwr(*args, env=self.env, timeout=timeout)
 
+    def site_key(self, index: int) -> tuple[Path, Path]:
+        """Site `index`'s key pair, made in its own folder (standing in for its host); (key, public key)."""
+        folder = self.dir / "site-keys" / f"node{index}"
+        if not (folder / f"node{index}.pub").is_file():
+            make_site_key(folder, f"node{index}")
+        return folder / f"node{index}.key", folder / f"node{index}.pub"
+
     def start_superlink(self, nodes: int) -> None:
         tls = []
         if not self.insecure:
             if not (self.certs / "superlink.pem").is_file():
-                make_all(self.certs, nodes=nodes)
-            for i in range(nodes):  # a site added later gets its own key pair
-                if not (self.certs / f"node{i}.pub").is_file():
-                    make_node_keys(self.certs, i)
+                make_all(self.certs)
             tls = ["--ssl-ca-certfile", str(self.certs / "ca.pem"), "--ssl-certfile", str(self.certs / "superlink.pem"),
                    "--ssl-keyfile", str(self.certs / "superlink.key"), "--enable-supernode-auth"]
         for _ in range(3):  # a port taken between picking and binding costs a retry on another port
-            proc = self._start("superlink", [str(BIN / "flower-superlink"), "--port", str(self.port), "--isolation",
-                                             "subprocess", "--disable-runtime-dependency-installation",
+            proc = self._start("superlink", [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port",
+                                             str(self.port), "--isolation", "subprocess", "--disable-runtime-dependency-installation",
                                              "--database", str(self.dir / "superlink.db"),
                                              *(["--insecure"] if self.insecure else tls)])
             if self.listening(proc):
@@ -94,7 +103,7 @@ class Deployment:
         raise TimeoutError(f"superlink did not come up within {timeout:.0f} s")
 
     def register(self, index: int) -> None:
-        out = self.flwr("supernode", "register", str(self.certs / f"node{index}.pub"), "deploy")
+        out = self.flwr("supernode", "register", str(self.site_key(index)[1]), "deploy")
         if out.returncode:
             raise RuntimeError(f"registering node{index} failed: {out.stdout[-500:]} {out.stderr[-500:]}")
 
@@ -106,7 +115,7 @@ class Deployment:
             args.append("--insecure")
         else:
             args += ["--root-certificates", str(self.certs / "ca.pem"),
-                     "--auth-supernode-private-key", str(key or self.certs / f"node{index}.key")]
+                     "--auth-supernode-private-key", str(key or self.site_key(index)[0])]
         return self._start(f"supernode{index}", args)
 
     def run(self, overrides: list[str], timeout: float = 1800) -> str:
@@ -147,9 +156,16 @@ class Deployment:
         self.stop()
 
 
-def node_config(name: str, target: str, state: Path) -> dict[str, str]:
+# The limits every loopback site sets for itself (a real site picks its own): the run's default budget
+LIMITS = {"max-epsilon": 8.0, "max-delta": 1e-5, "min-noise-multiplier": 0.5, "min-images": 2}
+
+
+def node_config(name: str, target: str, state: Path, digest: str, limits: dict | None = None) -> dict[str, str]:
+    """A site's node config: its data, its state folder, its ledger folder (beside, not inside, the
+    state folder) and its own privacy limits with the pinned source digest."""
     folder = Path(target).expanduser()
-    base = {"site": name, "state-dir": str(state / name)}
+    base = {"site": name, "state-dir": str(state / name), "ledger-dir": str(state.parent / "ledgers" / name),
+            "source-digest": digest, **{k: str(v) for k, v in (limits or LIMITS).items()}}
     if folder.is_dir():
         return {**base, "data-kind": "folder", "data-root": str(folder.resolve())}
     return {**base, "domain": target}
@@ -166,13 +182,14 @@ def main(argv: list[str]) -> int:
     if any(len(s) != 2 for s in sites):
         parser.error("each site is name=domain or name=/image/folder")
     overrides.append(f"data.sites=[{','.join(n for n, _ in sites)}]")
-    load_config(overrides)  # a bad override fails here, before any process starts
+    cfg = load_config(overrides)  # a bad override fails here, before any process starts
     with Deployment(Path(args.dir), args.insecure) as dep:
         dep.start_superlink(len(sites))
+        digest = load_source(ensure_source(cfg, ROOT))[2]  # the source model every site pins
         for i, (name, target) in enumerate(sites):
             if not args.insecure:
                 dep.register(i)
-            dep.start_supernode(i, node_config(name, target, dep.dir / "sites"))
+            dep.start_supernode(i, node_config(name, target, dep.dir / "sites", digest))
         status = dep.run(overrides)
     print(f"federation on the loopback deployment: {status} (logs in {dep.logs})")
     return 0 if status == "finished:completed" else 1

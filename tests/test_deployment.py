@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from server.certs import make_node_keys
-from simulations.deploy_local import Deployment
+from client.site import load_source
+from simulations.deploy_local import LIMITS, Deployment
 
 SIZE = 32
 
@@ -17,14 +17,17 @@ def test_tls_deployment_with_registered_nodes(tmp_path, checkpoint):
                  "model.decoder_width=16", "federation.rounds=2", "federation=fed_stats", "mlflow.overlays=0",
                  f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"out_dir={tmp_path}/runs",
                  "data.sites=[north,south]"]
+    limits = {**LIMITS, "source-digest": load_source(checkpoint)[2], "report-dice": "true"}  # each site's own
     with Deployment(tmp_path / "deploy") as dep:
         dep.start_superlink(nodes=2)
         assert (dep.certs / "superlink.pem").is_file() and (dep.certs / "ca.pem").is_file()
         for i, (name, domain) in enumerate([("north", "gamma"), ("south", "colour_cast")]):
             dep.register(i)
-            dep.start_supernode(i, {"site": name, "domain": domain, "state-dir": str(tmp_path / "sites" / name)})
-        make_node_keys(dep.certs, 2)  # a key the SuperLink never registered
-        intruder = dep.start_supernode(2, {"site": "intruder", "domain": "blur", "state-dir": str(tmp_path / "x")})
+            dep.start_supernode(i, {"site": name, "domain": domain, "state-dir": str(tmp_path / "sites" / name),
+                                    "ledger-dir": str(tmp_path / "ledgers" / name), **limits})
+        assert not list(dep.certs.glob("*.key*")) or {p.name for p in dep.certs.glob("*.key")} == {"ca.key", "superlink.key"}
+        intruder = dep.start_supernode(2, {"site": "intruder", "domain": "blur", "state-dir": str(tmp_path / "x"),
+                                           "ledger-dir": str(tmp_path / "lx"), **limits})  # a key never registered
         status = dep.run(overrides, timeout=500)
         assert status == "finished:completed", (dep.logs / "flwr_run.log").read_text()[-3000:]
         intruder.wait(timeout=120)

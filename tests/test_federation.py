@@ -1,6 +1,7 @@
 """The federation end to end, in process: two tiny synthetic sites, two rounds, every variant."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -31,9 +32,10 @@ def test_fed_stats_run_is_recorded_in_mlflow(tmp_path, checkpoint):
     assert sorted(c.data.tags["fedgrata.site"] for c in children) == ["colour_cast", "gamma"]
     for child in children:
         assert child.info.status == "FINISHED"
-        for key in ("dice_proxy", "align_cos_mean", "lr_mean", "entropy", "dp_epsilon", "dice_disc", "dice_cup", "dice_mean"):
+        for key in ("dice_proxy", "dp_epsilon", "dice_disc", "dice_cup", "dice_mean"):
             history = client.get_metric_history(child.info.run_id, f"round/{key}")
             assert [m.step for m in history] == [1, 2], key
+        assert not client.get_metric_history(child.info.run_id, "round/align_cos_mean")  # not sent in the private variant
         eps = [m.value for m in client.get_metric_history(child.info.run_id, "round/dp_epsilon")]
         assert 0 < eps[0] < eps[1] <= 8.0 + 1e-6
         overlays = [a.path for a in client.list_artifacts(child.info.run_id, "overlays")]
@@ -110,7 +112,7 @@ def test_site_state_survives_a_new_process(tmp_path, checkpoint):
     out_same = [same.run_round(1), same.run_round(2)]
     out_fresh = [Site("gamma", dataset, tmp_path / "b", site_cfg, checkpoint).run_round(r) for r in (1, 2)]
     for a, b in zip(out_same, out_fresh):
-        for key in ("dice_proxy", "align_cos_mean", "dice_mean"):
+        for key in ("dice_mean",):  # the proxy leaves noised: fresh noise in every process, by design
             assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-6)
         assert a["privacy"]["dp_epsilon"] == pytest.approx(b["privacy"]["dp_epsilon"])  # the accountant persisted
         assert a["metrics"]["stats_images"] == b["metrics"]["stats_images"] == 2
@@ -172,9 +174,8 @@ def test_compare_runs_every_variant_on_the_same_sites(tmp_path, checkpoint):
     # the same sites and seed: before anything is shared (round 1), every variant sees the same Dice
     first = []
     for res in results.values():
-        rows = (Path(res["run_dir"]) / "rounds.csv").read_text().splitlines()
-        head = rows[0].split(",")
-        first.append([r.split(",")[head.index("dice_mean")] for r in rows[1:] if r.split(",")[head.index("round")] == "1"])
+        with (Path(res["run_dir"]) / "rounds.csv").open() as fh:  # csv: list-valued cells hold commas
+            first.append([r["dice_mean"] for r in csv.DictReader(fh) if r["round"] == "1"])
     assert first[0] == first[1] == first[2]
     out = next(tmp_path.glob("runs/compare-*"))
     table = (out / "compare.txt").read_text()
