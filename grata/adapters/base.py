@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from grata.augment import invert_views, weak_views
+from grata.geometry import build_geometry
 from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers
 from grata.speed import Plan, Speed
 
@@ -48,7 +49,8 @@ class Adapter:
                  bn_source_weight: float = 0.5, site_momentum: float = 0.0, seed: int = 0,
                  ensemble: bool = False, shift_reference: float | None = None,
                  shift_threshold: float = 10.0, auto_warmup: int = 4,
-                 speed: str | Speed | dict = "fast", device: str = "cpu") -> None:
+                 speed: str | Speed | dict = "fast", device: str = "cpu",
+                 geometry: str = "off", geometry_reference: dict | None = None) -> None:
         if lr < 0:
             raise ValueError(f"lr={lr} must be >= 0")
         bn = self.default_bn if bn is None else bn
@@ -61,6 +63,8 @@ class Adapter:
                        else StatsPolicy.named(bn, bn_source_weight, site_momentum=site_momentum))
         self.bn_name = bn if isinstance(bn, str) else "custom"
         self.lr, self.ensemble = lr, ensemble
+        # geometry="auto": segment a crop at the source's disc scale, mapped back (grata/geometry.py)
+        self.geometry = build_geometry(geometry, geometry_reference)
         self.speed = Speed.named(speed)
         self.plan = Plan.resolve(self.speed, torch.device(device))
         self.pooled_weight: float | list[float] = 0.0  # share of coordinator-pooled statistics (set_pooled)
@@ -158,7 +162,8 @@ class Adapter:
         """What this adapter is, for tables and run records."""
         auto = {"shift_reference": self.shift_reference, "shift_threshold": self.shift_threshold} if self.auto else {}
         return {"method": self.name, "lr": self.lr, "bn": self.bn_name, "bn_policy": self.policy.__dict__,
-                "ensemble": self.ensemble, "speed": self.plan.describe(), **auto}
+                "ensemble": self.ensemble, "speed": self.plan.describe(), **auto,
+                "geometry": "off" if self.geometry is None else "auto"}
 
     # --- state -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -232,7 +237,12 @@ class Adapter:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         self.last_teacher = None
-        logits = self.step(images.to(self.plan.device))
+        if self.geometry is None:
+            logits = self.step(images.to(self.plan.device))
+        else:
+            logits = self.geometry.apply(self.step, images.to(self.plan.device), self.state_dict, self.load_state_dict)
+            self.last_teacher = self.geometry.to_frame(self.last_teacher)
+            self.last_step.update(self.geometry.last)
         self.last_step.update(self._update_auto())
         self.images_seen += images.shape[0]
         return logits.detach().cpu()
