@@ -76,7 +76,7 @@ def load_source(path: str | Path) -> tuple[ResUNet, dict, str]:
 @lru_cache(maxsize=4)
 def _load_source(path: str, size: int, mtime: int) -> tuple[ResUNet, dict, str]:
     model, meta = load_checkpoint(path)
-    return model, {k: v for k, v in meta.items() if k == "shift_reference"}, weights_digest(model)
+    return model, {k: v for k, v in meta.items() if k in ("shift_reference", "geometry")}, weights_digest(model)
 
 
 def chunk(n: int, rounds: int, rnd: int) -> range:
@@ -105,7 +105,8 @@ class Site:
         model, meta, _ = load_source(model_path)
         torch.manual_seed(cfg.seed)
         self.adapter: Adapter = build_adapter(cfg.adapter, model, seed=cfg.seed,
-                                              shift_reference=meta.get("shift_reference"), **cfg.options)
+                                              shift_reference=meta.get("shift_reference"),
+                                              geometry_reference=meta.get("geometry"), **cfg.options)
         self.state = self._load_state()
         if self.state.adapter is not None:
             self.adapter.load_state_dict(self.state.adapter)

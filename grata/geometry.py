@@ -158,18 +158,24 @@ def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: floa
     z = torch.where(fov, (grey - med) / spread, torch.zeros_like(grey))
     pad = WORK // 2
     z = F.pad(z[None, None], (pad, pad, pad, pad), value=0.0)
-    sigmas = [WORK * min_radius / math.sqrt(2) * 1.19 ** k for k in range(40)]
-    sigmas = [s for s in sigmas if s * math.sqrt(2) <= WORK * max_radius * 1.19]
-    blurred = [_blur(z, s) for s in sigmas]
+    valid = F.pad(fov[None, None].float(), (pad, pad, pad, pad))
+    ratio = 1.19
+    sigmas = [WORK * min_radius / math.sqrt(2) * ratio ** k for k in range(40)]
+    sigmas = [s for s in sigmas if s * math.sqrt(2) <= WORK * max_radius * ratio]
     best = (-math.inf, 0, 0, 0)
-    valid = F.pad(fov[None, None].float(), (pad, pad, pad, pad))[0, 0] > 0.5
     for k in range(len(sigmas) - 1):
+        # large scales on a pooled copy (a pyramid): the kernel stays a few taps wide, the cost flat
+        level = max(0, int(math.floor(math.log2(sigmas[k] / 2))))
+        f = 2 ** level
+        zl = F.avg_pool2d(z, f) if f > 1 else z
         # scale-normalised difference of Gaussians ~ -sigma^2 LoG: positive on a bright blob of radius ~ sqrt(2) sigma
-        dog = (blurred[k] - blurred[k + 1])[0, 0] / (1.19 ** 2 - 1) * 2
-        dog = torch.where(valid, dog, torch.full_like(dog, -math.inf))
+        dog = (_blur(zl, sigmas[k] / f) - _blur(zl, sigmas[k + 1] / f))[0, 0] / (ratio ** 2 - 1) * 2
+        ok = (F.avg_pool2d(valid, f) if f > 1 else valid)[0, 0] > 0.999
+        dog = torch.where(ok, dog, torch.full_like(dog, -math.inf))
         v, i = dog.flatten().max(0)
         if v.item() > best[0]:
-            best = (v.item(), int(i) // dog.shape[1] - pad, int(i) % dog.shape[1] - pad, k)
+            y, x = (int(i) // dog.shape[1] + 0.5) * f - 0.5, (int(i) % dog.shape[1] + 0.5) * f - 0.5
+            best = (v.item(), y - pad, x - pad, k)
     value, y, x, k = best
     s = math.sqrt(sigmas[k] * sigmas[k + 1])
     return (y + 0.5) / WORK, (x + 0.5) / WORK, s * math.sqrt(2) / WORK, float(value)
@@ -212,6 +218,15 @@ def geometry_reference(images: torch.Tensor, masks: torch.Tensor) -> dict:
         "min_contrast": float(contrast.quantile(0.1)) / 5,
         "images": int(keep.sum()),
     }
+
+
+def ensure_reference(meta: dict, load_train: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The checkpoint's "geometry" metadata, or (checkpoints from before it existed) computed from
+    the source's training split, `load_train()` -> (images [N,3,S,S], masks [N,2,S,S]), and kept in
+    `meta` for the rest of the process (the checkpoint file is not rewritten)."""
+    if not meta.get("geometry"):
+        meta["geometry"] = geometry_reference(*load_train())
+    return meta["geometry"]
 
 
 # --- the step ---------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ STYLES: dict[str, Style] = {
     "uneven_light": Style(illumination=0.8, glare=0.7, gamma=1.4, gains=(0.85, 1.0, 1.15)),
     "large_disc": Style(disc_scale=1.7, gains=(1.0, 0.75, 0.7), gamma=1.3),
     # the full field of another crop protocol: small disc anywhere in a circular field of view
-    "wide_field": Style(disc_scale=0.3, disc_offset=0.5, field_of_view=0.96, gamma=1.2, illumination=0.3),
+    "wide_field": Style(disc_scale=0.4, disc_offset=0.5, field_of_view=0.96, gamma=1.2, illumination=0.3),
 }
 
 

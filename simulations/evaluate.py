@@ -25,7 +25,8 @@ from grata.data import StreamReport, stream
 from grata.metrics import score
 from grata.models import load_checkpoint
 from grata.progress import Progress
-from grata.train_source import TrainSourceConfig, ensure_source
+from grata.geometry import ensure_reference
+from grata.train_source import TrainSourceConfig, ensure_source, load_split
 from simulations.plots import dice_bars
 
 
@@ -46,10 +47,11 @@ def nanmean(values: list[float]) -> float:
 
 
 def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, data: DataConfig,
-                    base: Path | None, limit: int = 0, seed: int = 0, shift_reference: float | None = None
-                    ) -> tuple[dict, list[dict]]:
+                    base: Path | None, limit: int = 0, seed: int = 0, shift_reference: float | None = None,
+                    geometry_reference: dict | None = None) -> tuple[dict, list[dict]]:
     """Run one method over every target; returns per-target means and per-image records."""
-    adapter = build_adapter(method.adapter, model, seed=seed, shift_reference=shift_reference, **method.options)
+    adapter = build_adapter(method.adapter, model, seed=seed, shift_reference=shift_reference,
+                            geometry_reference=geometry_reference, **method.options)
     summary, records = {}, []
     for target in data.targets:
         adapter.reset()
@@ -113,11 +115,16 @@ def run(cfg: EvaluateConfig, base: Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     model, meta = load_checkpoint(ensure_source(cfg, base), expect=cfg.model)
     ref = meta.get("shift_reference")
+    geo = None
+    if any(cfg.methods[name].options.get("geometry", "off") != "off" for name in cfg.run):
+        geo = ensure_reference(meta, lambda: load_split(cfg.data, "train", base))
     for name in cfg.run:  # fail on a bad option before any long work
-        build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, **cfg.methods[name].options)
+        build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, geometry_reference=geo,
+                      **cfg.methods[name].options)
     results, records = {}, []
     for name in cfg.run:
-        results[name], rows = evaluate_method(name, cfg.methods[name], model, cfg.data, base, cfg.limit, cfg.seed, ref)
+        results[name], rows = evaluate_method(name, cfg.methods[name], model, cfg.data, base, cfg.limit, cfg.seed,
+                                              ref, geo)
         records += rows
     out = Path(cfg.out_dir)
     out = out if out.is_absolute() or base is None else base / out
