@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 WORK = 96  # working resolution of the classical detector (px); a disc of 3 % of the frame is ~3 px radius
+BACKGROUND_QUANTILE = 0.3  # the field brightness taken for background (the disc may cover half a tight crop)
 OUTSIDE_LOGIT = -20.0  # logits pasted outside the crop: certain background
 
 
@@ -153,7 +154,7 @@ def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: floa
     if fov.float().mean() < 0.05:
         return 0.5, 0.5, 0.0, 0.0
     inside = grey[fov]
-    med = inside.median()
+    med = inside.quantile(BACKGROUND_QUANTILE)  # the retina around the disc: what the padding stands for
     spread = (inside - med).abs().median().clamp_min(1e-3) * 1.4826  # robust std of the field
     z = torch.where(fov, (grey - med) / spread, torch.zeros_like(grey))
     pad = WORK // 2
@@ -162,7 +163,7 @@ def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: floa
     ratio = 1.19
     sigmas = [WORK * min_radius / math.sqrt(2) * ratio ** k for k in range(40)]
     sigmas = [s for s in sigmas if s * math.sqrt(2) <= WORK * max_radius * ratio]
-    best = (-math.inf, 0, 0, 0)
+    best, peaks = (-math.inf, 0, 0, 0), []
     for k in range(len(sigmas) - 1):
         # large scales on a pooled copy (a pyramid): the kernel stays a few taps wide, the cost flat
         level = max(0, int(math.floor(math.log2(sigmas[k] / 2))))
@@ -173,11 +174,18 @@ def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: floa
         ok = (F.avg_pool2d(valid, f) if f > 1 else valid)[0, 0] > 0.999
         dog = torch.where(ok, dog, torch.full_like(dog, -math.inf))
         v, i = dog.flatten().max(0)
+        peaks.append(v.item())
         if v.item() > best[0]:
             y, x = (int(i) // dog.shape[1] + 0.5) * f - 0.5, (int(i) % dog.shape[1] + 0.5) * f - 0.5
             best = (v.item(), y - pad, x - pad, k)
     value, y, x, k = best
     s = math.sqrt(sigmas[k] * sigmas[k + 1])
+    if 0 < k < len(peaks) - 1 and all(math.isfinite(p) for p in peaks[k - 1:k + 2]):
+        # the scale between the sampled ones: vertex of the parabola through the three peak responses
+        a, b, c = peaks[k - 1:k + 2]
+        curve = a - 2 * b + c
+        if curve < 0:
+            s *= ratio ** max(-0.5, min(0.5, 0.5 * (a - c) / curve))
     return (y + 0.5) / WORK, (x + 0.5) / WORK, s * math.sqrt(2) / WORK, float(value)
 
 
@@ -192,6 +200,20 @@ def estimate_disc(image: torch.Tensor, reference: dict) -> DiscEstimate:
     share = math.pi * radius ** 2
     found = contrast >= reference.get("min_contrast", 1.0) and radius > 0
     return DiscEstimate(cy, cx, radius, share, contrast, found)
+
+
+def crop_protocol(estimates: list[DiscEstimate], reference: dict) -> dict[str, float]:
+    """A site's crop protocol from its images' estimates (label-free), for its summary: the share of
+    images with a plausible disc, the median disc scale relative to the source's (linear: 1 = the
+    source's scale, 0.5 = half the source's diameter) and the median disc centre (fractions of the side)."""
+    found = [e for e in estimates if e.found]
+    if not found:
+        return {"images": float(len(estimates)), "found_share": 0.0, "relative_scale": float("nan"),
+                "centre_y": float("nan"), "centre_x": float("nan")}
+    t = torch.tensor([[math.sqrt(e.share / reference["disc_share"]), e.cy, e.cx] for e in found])
+    med = t.median(0).values
+    return {"images": float(len(estimates)), "found_share": len(found) / len(estimates),
+            "relative_scale": float(med[0]), "centre_y": float(med[1]), "centre_x": float(med[2])}
 
 
 # --- the source's reference -------------------------------------------------------------------------
@@ -240,7 +262,7 @@ class GeometryStep:
     retry: re-run once when the adapter's prediction on the crop says the crop was off.
     """
     reference: dict
-    keep_whole: float = 0.8
+    keep_whole: float = 0.75
     min_side: float = 0.12
     retry: bool = True
 
@@ -274,7 +296,7 @@ class GeometryStep:
             return Box.whole(size, size)
         edge = torch.cat([disc[0], disc[-1], disc[:, 0], disc[:, -1]]).float().mean().item()
         ref = self.reference["disc_share"]
-        if edge < 0.15 and ref / 2.5 < share < ref * 2.5:
+        if edge < 0.15 and ref / 2 < share < ref * 2:
             return None
         ys, xs = torch.nonzero(disc, as_tuple=True)
         scale = box.side / disc.shape[-1]

@@ -188,3 +188,13 @@ def test_evaluate_runs_the_geometry_methods_end_to_end(tmp_path):
     with (tmp_path / "out" / "per_image.csv").open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["method"] == "source_geometry"]
     assert len(rows) == 2 and all(r["geo_found"] != "" and float(r["geo_zoom"]) >= 1 for r in rows)
+
+
+def test_crop_protocol_summarises_a_sites_scale():
+    from grata.geometry import crop_protocol
+
+    ests = [estimate_disc(_disc_image(0.4, 0.6, r, seed=i)[0], REF) for i, r in enumerate((0.06, 0.07, 0.08))]
+    p = crop_protocol(ests, REF)
+    assert p["found_share"] == 1 and 0.1 < p["relative_scale"] < 0.4
+    assert abs(p["centre_y"] - 0.4) < 0.05 and abs(p["centre_x"] - 0.6) < 0.05
+    assert crop_protocol([], REF)["found_share"] == 0
