@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--synthetic", type=int, default=64, help="wide_field images (0: skip)")
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--root", default="../shared/data/fundus")
+    parser.add_argument("--quality", action="store_true", help="with the checkpoint's quality model (estimate, fallback)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
 
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
         for method in args.methods:
             with contextlib.redirect_stderr(io.StringIO()):  # progress bars
                 summary, records = ev.evaluate_method(method, cfg.methods[method], model, data, None, args.limit,
-                                                      cfg.seed, meta.get("shift_reference"), geo)
+                                                      cfg.seed, shift_reference=meta.get("shift_reference"),
+                                                      quality=meta.get("quality") if args.quality else None,
+                                                      geometry_reference=geo)
             for target in data.targets:
                 recs = [r for r in records if r["target"] == target]
                 row = {"field": label, "target": target, "method": method, **{k: summary[target][k] for k in

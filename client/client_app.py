@@ -105,7 +105,8 @@ def train(msg: Message, context: Context) -> Message:
     if "model" in msg.content:  # the coordinator sent the source model: keep it for later rounds
         model = ResUNet(ModelConfig(**json.loads(str(config["model_config"]))))
         model.load_state_dict(msg.content["model"].to_torch_state_dict())
-        save_checkpoint(state_dir / "source_model.pt", model, shift_reference=float(config["shift_reference"]))
+        save_checkpoint(state_dir / "source_model.pt", model, shift_reference=float(config["shift_reference"]),
+                        quality=json.loads(str(config["quality"])))
     model_path = find_model(state_dir, context, config)
     if model_path is None:
         raise RuntimeError(f"site {name}: no source model matching digest {config['model_digest'][:12]}")

@@ -25,7 +25,7 @@ MAX_CHANNELS = 512  # the widest BN layer of ResUNet-18/-34; arrays are at most 
 
 METRIC_KEYS = {
     "images", "skipped", "seconds", "guard_resets", "stats_images",
-    "dice_proxy", "agreement", "plausibility",
+    "dice_proxy", "fallback_share",
     "align_cos_mean", "align_cos_std", "align_cos_hist", "align_neg_share", "lr_mean", "entropy", "consistency",
     "dice_disc", "dice_cup", "dice_mean",  # only where the site has labels: evaluation, never adaptation
 }

@@ -29,7 +29,7 @@ from grata.metrics import score
 from grata.models import ResUNet, load_checkpoint
 from grata.overlay import save_overlay
 from grata.privacy import PrivateMoments, source_moments
-from grata.proxy import alignment_summary, dice_proxy
+from grata.proxy import alignment_summary
 
 VARIANTS = ("local_only", "fed_stats", "fed_affine")
 
@@ -76,7 +76,7 @@ def load_source(path: str | Path) -> tuple[ResUNet, dict, str]:
 @lru_cache(maxsize=4)
 def _load_source(path: str, size: int, mtime: int) -> tuple[ResUNet, dict, str]:
     model, meta = load_checkpoint(path)
-    return model, {k: v for k, v in meta.items() if k in ("shift_reference", "geometry")}, weights_digest(model)
+    return model, {k: v for k, v in meta.items() if k in ("shift_reference", "quality", "geometry")}, weights_digest(model)
 
 
 def chunk(n: int, rounds: int, rnd: int) -> range:
@@ -104,9 +104,13 @@ class Site:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         model, meta, _ = load_source(model_path)
         torch.manual_seed(cfg.seed)
-        self.adapter: Adapter = build_adapter(cfg.adapter, model, seed=cfg.seed,
-                                              shift_reference=meta.get("shift_reference"),
+        self.adapter: Adapter = build_adapter(cfg.adapter, model, seed=cfg.seed, shift_reference=meta.get("shift_reference"),
+                                              quality=meta.get("quality"),
                                               geometry_reference=meta.get("geometry"), **cfg.options)
+        if self.adapter.monitor is None:
+            raise RuntimeError(f"site {name}: the source model {Path(model_path).name} has no quality model, so the site "
+                               "could not tell whether adaptation helps; add it with python -m grata.train_source "
+                               "checkpoint=<that file> (on the source's labelled data)")
         self.state = self._load_state()
         if self.state.adapter is not None:
             self.adapter.load_state_dict(self.state.adapter)
@@ -176,11 +180,9 @@ class Site:
             x = sample.image[None]
             logits = self.adapter.adapt_and_predict(x)
             probs = torch.sigmoid(logits)
-            teacher = self.adapter.last_teacher
-            if teacher is None:  # this adapter computed no weak-view teacher: compute one for the proxy
-                teacher = self.adapter.view_probs(x)
-            proxies.append(dice_proxy(probs, teacher))
-            steps.append(dict(self.adapter.last_step))
+            step = dict(self.adapter.last_step)  # holds the label-free quality estimate of what was predicted
+            proxies.append({"dice_proxy": step["quality"], "fallback_share": step["fallback"]})
+            steps.append(step)
             if self.private is not None:
                 self.private.add(self.adapter.image_moments())
             if sample.mask is not None:  # evaluation only: labels never reach the adapter

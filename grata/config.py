@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0 = torch's default
     precision: str = "fp32"  # fp32 | bf16 (autocast + channels-last; bench/train.py measures both)
+    quality_images: int = 80  # source images (each + 3 simulated shifts) the quality estimate is fitted on
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):

@@ -24,6 +24,7 @@ from grata.geometry import geometry_reference
 from grata.losses import segmentation_loss
 from grata.metrics import score
 from grata.models import ModelConfig, ResUNet, load_checkpoint, save_checkpoint
+from grata.quality import fit_quality
 from grata.progress import Progress
 
 
@@ -43,7 +44,7 @@ def default_checkpoint(cfg: TrainSourceConfig) -> str:
 def training_inputs(cfg: TrainSourceConfig) -> dict:
     """What decides the trained weights (not, e.g., the evaluation targets): resume only onto the same."""
     d = cfg.data
-    train = {k: v for k, v in asdict(cfg.train).items() if k != "threads"}  # speed, not weights
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("threads", "quality_images")}  # not the weights
     if train["precision"] == "fp32":  # checkpoints from before the option existed were fp32: still valid
         del train["precision"]
     return {"train": train, "data": [d.kind, d.root, d.size, d.source, d.synthetic_train, d.seed]}
@@ -128,16 +129,21 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0})
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1,
                         history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg))
-    if "shift_reference" not in meta:  # the unit bn="auto" measures a site's shift in
-        ref = shift_reference(model, images)
+    if "shift_reference" not in meta or "quality" not in meta:
+        meta.setdefault("shift_reference", shift_reference(model, images))  # the unit bn="auto" measures shifts in
+        if "quality" not in meta:  # the label-free Dice estimate, fitted on these labelled images under simulated shifts
+            t0 = time.perf_counter()
+            meta["quality"] = fit_quality(model.eval(), images, masks, limit=cfg.train.quality_images, seed=cfg.train.seed)
+            print(f"quality model fitted on {meta['quality']['info']['images']} source images "
+                  f"({time.perf_counter() - t0:.0f}s)")
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,
-                        history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg), shift_reference=ref)
-        meta["shift_reference"] = ref
+                        history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg),
+                        shift_reference=meta["shift_reference"], quality=meta["quality"])
     if "geometry" not in meta:  # the source's disc scale, for the geometry step (grata/geometry.py)
         meta["geometry"] = geometry_reference(images, masks)
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,
                         history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg),
-                        shift_reference=meta["shift_reference"], geometry=meta["geometry"])
+                        shift_reference=meta["shift_reference"], quality=meta["quality"], geometry=meta["geometry"])
     test_images, test_masks = load_split(cfg.data, "test", base)
     summary = {
         "checkpoint": str(path), "data": asdict(cfg.data), "model": asdict(cfg.model), "train": asdict(cfg.train),
@@ -155,8 +161,8 @@ def ensure_source(cfg: TrainSourceConfig, base: Path | None) -> Path:
     """The configured source checkpoint, trained first if it (or its summary) does not exist yet."""
     path = Path(cfg.checkpoint or default_checkpoint(cfg))
     full = path if path.is_absolute() or base is None else base / path
-    if not full.is_file() or not full.with_suffix(".json").is_file():
-        print(f"no source model at {full}: training it first")
+    if not full.is_file() or not full.with_suffix(".json").is_file() or "quality" not in load_checkpoint(full)[1]:
+        print(f"no source model (or no quality model) at {full}: training or completing it first")
         train(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=str(full)), base)
     return full
 

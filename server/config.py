@@ -41,6 +41,7 @@ class FederationConfig:
     affine_weighting: AffineWeighting = AffineWeighting.images
     proxy_margin: float = 10.0  # flag a site whose Dice proxy falls this far below its best
     reset_on_drop: bool = True  # and order it back to the source model
+    fallback_flag: float = 0.5  # flag a site that fell back to the source model on more than this share of a round's images
     round_timeout_s: float = 0.0  # 0: wait for every site
     min_sites: int = 1  # fewer replies than this ends the run as failed
 
@@ -49,6 +50,8 @@ class FederationConfig:
             raise ValueError(f"federation.rounds={self.rounds} must be >= 1")
         if not 0 <= self.pooled_weight <= 1:
             raise ValueError(f"federation.pooled_weight={self.pooled_weight} must lie in [0, 1]")
+        if not 0 < self.fallback_flag <= 1:
+            raise ValueError(f"federation.fallback_flag={self.fallback_flag} must lie in (0, 1]")
         if self.proxy_margin <= 0 or self.round_timeout_s < 0 or self.min_sites < 1:
             raise ValueError("federation: proxy_margin > 0, round_timeout_s >= 0 and min_sites >= 1 are required")
 

@@ -2,7 +2,8 @@
 
 Per round it takes each site's accepted reply and returns what every site gets next round:
 pooled BN statistics (fed_stats), averaged BN affine parameters (fed_affine), and reset orders for
-sites whose label-free Dice proxy fell more than `proxy_margin` below their best so far.
+sites whose label-free Dice proxy fell more than `proxy_margin` below their best so far, or whose
+adaptation the site itself judged worse than the source model on most images (`fallback_share`).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class Coordinator:
         proxy = metrics.get("dice_proxy")
         if proxy is None:
             return False
-        if rec.best_proxy is not None and proxy < rec.best_proxy - self.cfg.proxy_margin:
+        fell_back = metrics.get("fallback_share", 0.0) > self.cfg.fallback_flag
+        if fell_back or rec.best_proxy is not None and proxy < rec.best_proxy - self.cfg.proxy_margin:
             rec.flagged.append(rnd)
             if self.cfg.reset_on_drop:
                 rec.reset_next = True

@@ -94,7 +94,8 @@ def round_content(rnd: int, common: dict[str, Any], coord: Coordinator, cfg: Fed
     content = RecordDict()
     if source is not None:
         model, meta = source
-        rec.update(model_config=json.dumps(asdict(model.config)), shift_reference=float(meta["shift_reference"]))
+        rec.update(model_config=json.dumps(asdict(model.config)), shift_reference=float(meta["shift_reference"]),
+                   quality=json.dumps(meta["quality"]))
         content["model"] = ArrayRecord(model.state_dict())
     if coord.pooled is not None:
         content["pooled"] = layer_record(coord.pooled, ("m1", "m2"))

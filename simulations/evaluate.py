@@ -18,6 +18,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
+from scipy.stats import spearmanr
 
 from grata.adapters import build_adapter
 from grata.config import DataConfig, MethodConfig, open_domain
@@ -46,11 +47,19 @@ def nanmean(values: list[float]) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation; NaN where either side is constant or there are fewer than 3 images."""
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b)[0])
+
+
 def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, data: DataConfig,
                     base: Path | None, limit: int = 0, seed: int = 0, shift_reference: float | None = None,
-                    geometry_reference: dict | None = None) -> tuple[dict, list[dict]]:
-    """Run one method over every target; returns per-target means and per-image records."""
-    adapter = build_adapter(method.adapter, model, seed=seed, shift_reference=shift_reference,
+                    quality: dict | None = None, geometry_reference: dict | None = None) -> tuple[dict, list[dict]]:
+    """Run one method over every target; returns per-target means and per-image records (with the
+    label-free `quality` estimate of every prediction when the checkpoint has a quality model)."""
+    adapter = build_adapter(method.adapter, model, seed=seed, shift_reference=shift_reference, quality=quality,
                             geometry_reference=geometry_reference, **method.options)
     summary, records = {}, []
     for target in data.targets:
@@ -72,6 +81,10 @@ def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, dat
         summary[target].update(images=len(rows), skipped=len(report.skipped), seconds_per_image=seconds / max(1, len(rows)))
         if "bn_image" in adapter.last_step:
             summary[target]["auto_image_share"] = float(np.mean([r["bn_image"] for r in rows]))
+        if "quality" in adapter.last_step:  # the label-free estimate, its rank correlation with Dice, fallbacks
+            q = [r["quality"] for r in rows]
+            summary[target].update(quality=float(np.mean(q)), fallback_share=float(np.mean([r["fallback"] for r in rows])),
+                                   quality_spearman=spearman(q, [r["dice_mean"] for r in rows]))
         if "cosine" in adapter.last_step:
             summary[target]["cosine_mean"] = float(np.mean([r["cosine"] for r in rows]))
             summary[target]["lr_mean"] = float(np.mean([r["lr"] for r in rows]))
@@ -114,17 +127,17 @@ def run(cfg: EvaluateConfig, base: Path | None = None) -> dict:
         raise ValueError(f"run={cfg.run}: unknown methods {unknown}; defined: {sorted(cfg.methods)}")
     torch.manual_seed(cfg.seed)
     model, meta = load_checkpoint(ensure_source(cfg, base), expect=cfg.model)
-    ref = meta.get("shift_reference")
+    ref, quality = meta.get("shift_reference"), meta.get("quality")
     geo = None
     if any(cfg.methods[name].options.get("geometry", "off") != "off" for name in cfg.run):
         geo = ensure_reference(meta, lambda: load_split(cfg.data, "train", base))
     for name in cfg.run:  # fail on a bad option before any long work
-        build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, geometry_reference=geo,
+        build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, quality=quality, geometry_reference=geo,
                       **cfg.methods[name].options)
     results, records = {}, []
     for name in cfg.run:
-        results[name], rows = evaluate_method(name, cfg.methods[name], model, cfg.data, base, cfg.limit, cfg.seed,
-                                              ref, geo)
+        results[name], rows = evaluate_method(name, cfg.methods[name], model, cfg.data, base, cfg.limit, cfg.seed, ref,
+                                              quality, geo)
         records += rows
     out = Path(cfg.out_dir)
     out = out if out.is_absolute() or base is None else base / out

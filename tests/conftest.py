@@ -58,11 +58,18 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A small random ResUNet-18 with a shift reference, standing in for a trained source model."""
+    """A small random ResUNet-18 with a shift reference and a quality model (fitted on 4 synthetic
+    images), standing in for a trained source model."""
+    from grata.quality import fit_quality
+    from grata.synthetic import SyntheticDomain
+
     torch.manual_seed(0)
     model = ResUNet(ModelConfig(encoder="resnet18", decoder_width=16)).eval()
     path = tmp_path_factory.mktemp("ckpt") / "source.pt"
-    save_checkpoint(path, model, shift_reference=1e9)  # bn=auto never switches (1x1 maps at 32 px)
+    samples = [SyntheticDomain("clean", n=4, size=SIZE, split="train")[i] for i in range(4)]
+    quality = fit_quality(model, torch.stack([s.image for s in samples]), torch.stack([s.mask for s in samples]),
+                          limit=4, copies=1)
+    save_checkpoint(path, model, shift_reference=1e9, quality=quality)  # bn=auto never switches (1x1 maps at 32 px)
     path.with_suffix(".json").write_text("{}")
     return path
 

@@ -49,38 +49,3 @@ def test_score_thresholds_logits_at_half():
     assert s["dice_disc"][0] == s["dice_cup"][0] == s["dice_mean"][0]
     assert math.isclose(float(s["dice_mean"][0]), 100.0, rel_tol=1e-6)
     assert s["asd_disc"][0] == 0.0
-
-
-def test_proxy_agreement_and_plausibility_on_hand_made_masks():
-    from grata.proxy import dice_proxy
-
-    disc = torch.zeros(1, 1, 8, 8)
-    disc[..., 2:6, 2:6] = 0.9
-    cup_in, cup_out = torch.zeros_like(disc), torch.zeros_like(disc)
-    cup_in[..., 3:5, 3:5] = 0.8
-    cup_out[..., 0:2, 0:2] = 0.8  # outside the disc: anatomically implausible
-    good = torch.cat([disc, cup_in], 1)
-    p = dice_proxy(good, good)
-    assert p["agreement"] == pytest.approx(100) and p["plausibility"] == pytest.approx(100)
-    bad = torch.cat([disc, cup_out], 1)
-    p = dice_proxy(bad, good)
-    assert p["plausibility"] == pytest.approx(0)
-    assert p["agreement"] == pytest.approx(50)  # disc agrees (100), cup does not (0)
-    assert p["dice_proxy"] == pytest.approx(0)
-    # hard masks: a diffuse sub-threshold background does not drag the agreement down ...
-    assert dice_proxy(good, torch.maximum(good, torch.full_like(good, 0.3)))["agreement"] == pytest.approx(100)
-    # ... and a prediction that lost both structures agrees with nothing
-    assert dice_proxy(good * 0.5, good)["agreement"] == pytest.approx(0)
-
-
-def test_plausibility_wants_a_cup_inside_a_disc():
-    from grata.proxy import plausibility
-
-    disc = torch.zeros(1, 1, 8, 8)
-    disc[..., 2:6, 2:6] = 1
-    no_cup = torch.cat([disc, torch.zeros_like(disc)], 1)
-    full_cup = torch.cat([disc, disc], 1)
-    assert plausibility(no_cup) == 0 and plausibility(full_cup) == 0
-    half_in = torch.zeros_like(disc)
-    half_in[..., 1:3, 3:5] = 1  # 2 of its 4 pixels inside the disc
-    assert plausibility(torch.cat([disc, half_in], 1)) == pytest.approx(50)

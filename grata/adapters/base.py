@@ -15,6 +15,7 @@ from torch import nn
 from grata.augment import invert_views, weak_views
 from grata.geometry import build_geometry
 from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers
+from grata.quality import QualityMonitor
 from grata.speed import Plan, Speed
 
 
@@ -49,10 +50,23 @@ class Adapter:
                  bn_source_weight: float = 0.5, site_momentum: float = 0.0, seed: int = 0,
                  ensemble: bool = False, shift_reference: float | None = None,
                  shift_threshold: float = 10.0, auto_warmup: int = 4,
+                 quality: dict | None = None, fallback: bool = False, fallback_margin: float = 0.0,
+                 guard: float = 0.0, guard_warmup: int = 8,
                  speed: str | Speed | dict = "fast", device: str = "cpu",
                  geometry: str = "off", geometry_reference: dict | None = None) -> None:
+        """quality: the checkpoint's fitted QualityModel (grata.quality); with it every prediction gets a
+        label-free Dice estimate (last_step["quality"]). fallback: per image, the source model's
+        prediction replaces the adapted one when its estimate is ahead by more than fallback_margin.
+        guard: points of smoothed estimated gain over the source (or, without a quality model, of
+        the method's own proxy) below its best at which the adapted parameters go back to the source.
+        geometry: "auto" segments a crop with the disc at the source's scale and maps it back
+        (grata/geometry.py; geometry_reference: the checkpoint's "geometry")."""
         if lr < 0:
             raise ValueError(f"lr={lr} must be >= 0")
+        if guard < 0:
+            raise ValueError(f"guard={guard} must be >= 0 (0 = off)")
+        if fallback and not quality:
+            raise ValueError("fallback=True needs the checkpoint's quality model (quality=, written by grata.train_source)")
         bn = self.default_bn if bn is None else bn
         self.auto = bn == "auto"
         if self.auto and not (shift_reference and shift_reference > 0):
@@ -76,6 +90,11 @@ class Adapter:
         self._seed = seed
         self.optimizer = self.make_optimizer()
         self.source_state = copy.deepcopy(self.model.state_dict())
+        self._source_params = [p.detach().clone() for p in self.params]
+        self.monitor = QualityMonitor(model, quality, self.plan) if quality else None
+        self.fallback, self.fallback_margin = fallback, fallback_margin
+        self.guard, self.guard_warmup = guard, guard_warmup
+        self._reset_guard()
         self.last_step: dict[str, float] = {}
         self.last_teacher: torch.Tensor | None = None  # the weak-view mean, when the last step computed one
         self.images_seen = 0
@@ -162,7 +181,9 @@ class Adapter:
         """What this adapter is, for tables and run records."""
         auto = {"shift_reference": self.shift_reference, "shift_threshold": self.shift_threshold} if self.auto else {}
         return {"method": self.name, "lr": self.lr, "bn": self.bn_name, "bn_policy": self.policy.__dict__,
-                "ensemble": self.ensemble, "speed": self.plan.describe(), **auto,
+                "ensemble": self.ensemble, "quality": self.monitor is not None, "fallback": self.fallback,
+                "fallback_margin": self.fallback_margin, "guard": self.guard, "guard_warmup": self.guard_warmup,
+                "speed": self.plan.describe(), **auto,
                 "geometry": "off" if self.geometry is None else "auto"}
 
     # --- state -----------------------------------------------------------------------------------
@@ -173,6 +194,7 @@ class Adapter:
         self.generator.manual_seed(self._seed)
         self.last_step, self.images_seen, self.pooled_weight = {}, 0, 0.0
         self._reset_auto()
+        self._reset_guard()
 
     def _norm_keys(self) -> set[str]:
         names = {name for name, m in self.model.named_modules() if isinstance(m, AdaptiveNorm)}
@@ -189,6 +211,7 @@ class Adapter:
             "generator": self.generator.get_state(),
             "images_seen": self.images_seen,
             "auto": (self.shift_sum, self.shift_count, self.auto_switched),
+            "guard": (self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -201,6 +224,7 @@ class Adapter:
         self.generator.set_state(state["generator"])
         self.images_seen = state["images_seen"]
         self.shift_sum, self.shift_count, self.auto_switched = state["auto"]
+        self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets = state.get("guard", (None, None, 0, 0))
         self.use_policy(StatsPolicy.named("image" if self.auto_switched else "source") if self.auto else self.policy)
 
     # --- the loop --------------------------------------------------------------------------------
@@ -237,15 +261,62 @@ class Adapter:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         self.last_teacher = None
+        images = images.to(self.plan.device)
         if self.geometry is None:
-            logits = self.step(images.to(self.plan.device))
-        else:
-            logits = self.geometry.apply(self.step, images.to(self.plan.device), self.state_dict, self.load_state_dict)
+            logits = self.step(images)
+        else:  # the step sees the disc's crop; logits and teacher come back in the original frame
+            logits = self.geometry.apply(self.step, images, self.state_dict, self.load_state_dict)
             self.last_teacher = self.geometry.to_frame(self.last_teacher)
             self.last_step.update(self.geometry.last)
         self.last_step.update(self._update_auto())
+        if self.monitor is not None:
+            logits = self._judge(images, logits)
+        if self.guard and self.trains:
+            signal = self.last_step.get("quality_gain", self.last_step.get("proxy"))
+            if signal is not None:
+                self.last_step["guard_reset"] = float(self._check_drift(signal))
         self.images_seen += images.shape[0]
         return logits.detach().cpu()
+
+    # --- knowing without labels: estimate, fall back, guard ----------------------------------------------
+    def _judge(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Estimate the adapted and the source predictions' Dice; per image keep the adapted one unless
+        the source's estimate leads by more than fallback_margin (fallback=True). Records quality
+        (of what is returned), quality_source, quality_gain (mean adapted - source) and fallback."""
+        est, est_src, src = self.monitor.assess(images, logits)
+        use_src = [self.fallback and s - a > self.fallback_margin for a, s in zip(est, est_src)]
+        if any(use_src):
+            pick = torch.tensor(use_src, device=logits.device).view(-1, 1, 1, 1)
+            logits = torch.where(pick, src.to(logits.dtype), logits)
+        chosen = [s if u else a for a, s, u in zip(est, est_src, use_src)]
+        n = len(est)
+        self.last_step.update(quality=sum(chosen) / n, quality_source=sum(est_src) / n,
+                              quality_gain=sum(a - s for a, s in zip(est, est_src)) / n,
+                              fallback=sum(use_src) / n)
+        return logits
+
+    def _reset_guard(self) -> None:
+        self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets = None, None, 0, 0
+
+    def _check_drift(self, signal: float) -> bool:
+        """Smooth the guard's signal; True (and parameters back to the source) when it fell `guard` below its
+        best. With a quality model the signal is the estimated gain over the source, whose best counts
+        from 0: adaptation estimated `guard` points worse than the source model is stepped back too."""
+        self.guard_seen += 1
+        self.guard_ema = signal if self.guard_ema is None else 0.9 * self.guard_ema + 0.1 * signal
+        if self.guard_seen < self.guard_warmup:
+            return False
+        floor = 0.0 if self.monitor is not None else self.guard_ema
+        self.guard_best = max(floor, self.guard_ema if self.guard_best is None else max(self.guard_best, self.guard_ema))
+        if not self.guard or self.guard_ema >= self.guard_best - self.guard:
+            return False
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self._source_params)
+        self.optimizer = self.make_optimizer()
+        self.guard_resets += 1
+        self.guard_best = self.guard_ema = None
+        self.guard_seen = 0
+        return True
 
     def step(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

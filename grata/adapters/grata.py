@@ -8,8 +8,9 @@ One step on a batch X, over the BN affine parameters theta:
   restore theta; one Adam step on g_pse with lr = beta * (cos + 1)^2 / 4
   predict X with the updated parameters.
 fedgrata's additions, all off in the faithful configuration: `anchor` pulls the parameters back
-towards the source by that fraction after each step; `guard` resets the adapted parameters (not the
-site's statistics) when the smoothed label-free proxy falls `guard` points below its best.
+towards the source by that fraction after each step; the base class's guard and per-image fallback
+(grata.quality) read the label-free quality estimate, or, without one, the step's view agreement
+(`proxy`).
 """
 from __future__ import annotations
 
@@ -32,8 +33,7 @@ class GraTaAdapter(Adapter):
     name = "grata"
 
     def __init__(self, model, lr: float = 1e-4, aux: str = "ent", pse: str = "consis", dynamic_lr: bool = True,
-                 entropy_form: str = "reference", anchor: float = 0.0,
-                 guard: float = 0.0, guard_warmup: int = 8, **kw) -> None:
+                 entropy_form: str = "reference", anchor: float = 0.0, **kw) -> None:
         for key, value in (("aux", aux), ("pse", pse)):
             if value not in LOSSES:
                 raise ValueError(f"grata {key}={value!r}: choose one of {LOSSES}")
@@ -41,43 +41,13 @@ class GraTaAdapter(Adapter):
             raise ValueError(f"entropy_form={entropy_form!r}: choose one of {ENTROPY_FORMS}")
         if not 0 <= anchor <= 1:
             raise ValueError(f"anchor={anchor} must lie in [0, 1]")
-        if guard < 0:
-            raise ValueError(f"guard={guard} must be >= 0 (0 = off)")
         super().__init__(model, lr=lr, **kw)
         self.aux, self.pse, self.dynamic_lr = aux, pse, dynamic_lr
         self.entropy_form, self.anchor = entropy_form, anchor
-        self.guard, self.guard_warmup = guard, guard_warmup
-        self._source_params = [p.detach().clone() for p in self.params]
-        self._reset_guard()
-
-    def _reset_guard(self) -> None:
-        self.proxy_ema, self.proxy_best, self.proxy_seen, self.guard_resets = None, None, 0, 0
-
-    def reset(self) -> None:
-        super().reset()
-        self._reset_guard()
-
-    def _check_drift(self, proxy: float) -> bool:
-        """Smooth the proxy; True (and parameters back to the source) when it fell past the guard."""
-        self.proxy_seen += 1
-        self.proxy_ema = proxy if self.proxy_ema is None else 0.9 * self.proxy_ema + 0.1 * proxy
-        if self.proxy_seen < self.guard_warmup:
-            return False
-        self.proxy_best = self.proxy_ema if self.proxy_best is None else max(self.proxy_best, self.proxy_ema)
-        if not self.guard or self.proxy_ema >= self.proxy_best - self.guard:
-            return False
-        with torch.no_grad():
-            torch._foreach_copy_(self.params, self._source_params)
-        self.optimizer = self.make_optimizer()
-        self.guard_resets += 1
-        self.proxy_best = self.proxy_ema = None
-        self.proxy_seen = 0
-        return True
 
     def describe(self):
         return {**super().describe(), "aux": self.aux, "pse": self.pse, "dynamic_lr": self.dynamic_lr,
-                "entropy_form": self.entropy_form, "anchor": self.anchor, "guard": self.guard,
-                "guard_warmup": self.guard_warmup}
+                "entropy_form": self.entropy_form, "anchor": self.anchor}
 
     # --- losses ----------------------------------------------------------------------------------
     def loss(self, kind: str, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
@@ -120,7 +90,5 @@ class GraTaAdapter(Adapter):
             self.last_step["loss_consis"] = (loss_pse if self.pse == "consis" else loss_aux).item()
         self.last_teacher = self._teacher
         if self._teacher is not None:  # free: the teacher of weak views was computed for the step
-            proxy = view_agreement(torch.sigmoid(logits), self._teacher)
-            self.last_step["proxy"] = proxy
-            self.last_step["guard_reset"] = float(self._check_drift(proxy))
+            self.last_step["proxy"] = view_agreement(torch.sigmoid(logits), self._teacher)
         return logits

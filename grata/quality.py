@@ -1,0 +1,320 @@
+"""Label-free segmentation quality: what a site can tell about a prediction without its masks.
+
+Two kinds of evidence, each a pure function of probabilities [2, H, W] (channel 0 disc, 1 cup):
+  shape       anatomy a correct segmentation obeys: one compact, elliptical disc holding one cup,
+              a cup-to-disc ratio in range, a disc whose size and place match the source's own;
+  agreement   the prediction against references it did not make: the *source* model under photometric
+              and scale perturbations, mapped back to the image's frame (`source_references`). Where
+              the frozen source model cannot agree with itself once the image is perturbed, its
+              decision boundary runs through this image, and so, usually, does the error.
+`QualityModel` maps the features to an estimate of the image's mean Dice (0-100). It is fitted on the
+source domain's own labelled training images under simulated acquisition shifts, when the source
+model is trained, and stored with the checkpoint: no target label is ever used.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+STRUCTURES = ("disc", "cup")
+
+
+# --- perturbations the source model is asked to agree across ------------------------------------------
+def _zoom(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Zoom [B, C, H, W] about the centre: scale > 1 magnifies (crops), < 1 shrinks (pads with zeros)."""
+    theta = torch.tensor([[1 / scale, 0.0, 0.0], [0.0, 1 / scale, 0.0]], dtype=x.dtype).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _photometric(x: torch.Tensor, gamma: float, gain: tuple[float, float, float]) -> torch.Tensor:
+    g = torch.tensor(gain, dtype=x.dtype).view(1, 3, 1, 1)
+    y = (x.clamp(0, 1) ** gamma) * g
+    lo, hi = y.amin((1, 2, 3), keepdim=True), y.amax((1, 2, 3), keepdim=True)
+    return (y - lo) / (hi - lo).clamp_min(1e-6)  # the pipeline's own per-image min-max
+
+
+# (name, forward transform of the image, inverse transform of the prediction back to the image frame)
+PERTURBATIONS = (
+    ("zoom_in", lambda x: _zoom(x, 1.25), lambda p: _zoom(p, 1 / 1.25)),
+    ("zoom_out", lambda x: _zoom(x, 0.8), lambda p: _zoom(p, 1 / 0.8)),
+    ("dark", lambda x: _photometric(x, 1.8, (1.0, 1.0, 1.0)), lambda p: p),
+    ("cast", lambda x: _photometric(x, 0.7, (1.2, 0.85, 0.7)), lambda p: p),
+)
+
+
+@torch.no_grad()
+def source_references(predict, x: torch.Tensor) -> list[torch.Tensor]:
+    """The source model's probabilities under each of PERTURBATIONS, mapped back to x's frame.
+
+    predict: images [B, 3, H, W] -> logits [B, 2, H, W] (the frozen source model);
+    x: [B, 3, H, W] -> list of len(PERTURBATIONS) probabilities [B, 2, H, W]. Zooming out loses the
+    border, zooming in the frame's margin: those pixels are compared only where the view saw them
+    (`_valid` marks them NaN).
+    """
+    refs = []
+    for name, forward, inverse in PERTURBATIONS:
+        probs = inverse(torch.sigmoid(predict(forward(x)).float()))
+        if name == "zoom_in":  # outside the magnified window the view saw nothing
+            seen = inverse(torch.ones_like(probs[:, :1])) > 0.99
+            probs = torch.where(seen, probs, torch.full_like(probs, float("nan")))
+        refs.append(probs)
+    return refs
+
+
+# --- features of one prediction -------------------------------------------------------------------------
+def _components(mask: np.ndarray) -> tuple[int, float, np.ndarray]:
+    """(number of components, share of the largest, the largest as a mask) of a bool mask [H, W]."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return 0, 0.0, mask
+    sizes = np.bincount(labels.ravel())[1:]
+    big = int(sizes.argmax()) + 1
+    return n, float(sizes.max() / sizes.sum()), labels == big
+
+
+def ellipse_iou(mask: np.ndarray) -> float:
+    """IoU of a bool mask [H, W] with the ellipse of the same first and second moments (1 = an ellipse)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 5:
+        return 0.0
+    cy, cx = ys.mean(), xs.mean()
+    cov = np.cov(np.stack([ys - cy, xs - cx]))
+    vals, vecs = np.linalg.eigh(cov)
+    if vals.min() <= 1e-6:
+        return 0.0
+    yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    d = np.stack([yy - cy, xx - cx], -1) @ vecs  # coordinates along the principal axes
+    ellipse = (d[..., 0] ** 2 / (4 * vals[0]) + d[..., 1] ** 2 / (4 * vals[1])) <= 1.0
+    inter = float((ellipse & mask).sum())
+    return inter / float((ellipse | mask).sum())
+
+
+def solidity(mask: np.ndarray) -> float:
+    """Area over convex-hull area of a bool mask [H, W] (1 = convex; a crescent or two blobs score low)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 3:
+        return 0.0
+    try:
+        hull = ConvexHull(np.stack([ys, xs], 1))
+    except QhullError:  # all pixels on a line
+        return 1.0
+    # the hull runs through pixel centres: add half a pixel around its perimeter to compare with a pixel count
+    return float(min(1.0, len(ys) / (hull.volume + hull.area / 2 + 1)))
+
+
+def soft_dice(prob: torch.Tensor) -> float:
+    """Expected Dice x100 of the hard mask under the model's own probabilities [H, W]: 100 for a
+    confident prediction, lower the wider the band of uncertain pixels relative to the structure."""
+    hard = (prob > 0.5).float()
+    return float(100 * (2 * (prob * hard).sum() + 1e-6) / (prob.sum() + hard.sum() + 1e-6))
+
+
+def agreement(prob: torch.Tensor, refs: list[torch.Tensor]) -> float:
+    """Mean Dice x100 between the hard mask of prob [H, W] and each reference's [H, W] (NaN = unseen)."""
+    hard = prob > 0.5
+    out = []
+    for ref in refs:
+        seen = ~torch.isnan(ref)
+        a, b = hard & seen, (ref > 0.5) & seen
+        total = float(a.sum() + b.sum())
+        out.append(100.0 if total == 0 else 200.0 * float((a & b).sum()) / total)
+    return float(np.mean(out)) if out else float("nan")
+
+
+def features(probs: torch.Tensor, refs: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Label-free features of one prediction probs [2, H, W]; refs: source references [2, H, W] each."""
+    h, w = probs.shape[-2:]
+    disc, cup = (probs[0] > 0.5).numpy(), (probs[1] > 0.5).numpy()
+    f: dict[str, float] = {}
+    for name, mask, prob in (("disc", disc, probs[0]), ("cup", cup, probs[1])):
+        n, largest, _ = _components(mask)
+        f[f"{name}_area"] = float(mask.mean())
+        f[f"{name}_components"] = float(n)
+        f[f"{name}_largest"] = largest
+        f[f"{name}_ellipse"] = ellipse_iou(mask)
+        f[f"{name}_solidity"] = solidity(mask)
+        f[f"{name}_soft_dice"] = soft_dice(prob)
+        if refs is not None:
+            f[f"{name}_agreement"] = agreement(prob, [r[i] for r in refs for i in (STRUCTURES.index(name),)])
+    f["cup_in_disc"] = float((cup & disc).sum() / cup.sum()) if cup.any() else 0.0
+    rows_d, rows_c = np.nonzero(disc.any(1))[0], np.nonzero(cup.any(1))[0]
+    f["cdr"] = float(len(rows_c) and (rows_c[-1] - rows_c[0] + 1) / (rows_d[-1] - rows_d[0] + 1)) if len(rows_d) else 0.0
+    if disc.any():
+        ys, xs = np.nonzero(disc)
+        f["disc_offset"] = float(math.hypot(ys.mean() / h - 0.5, xs.mean() / w - 0.5))
+    else:
+        f["disc_offset"] = 0.5
+    return f
+
+
+def derived(f: dict[str, float]) -> dict[str, float]:
+    """Composite signals of a feature dict: per-structure means and a 0-100 anatomical shape score."""
+    out = {"agreement": (f.get("disc_agreement", np.nan) + f.get("cup_agreement", np.nan)) / 2,
+           "soft_dice": (f["disc_soft_dice"] + f["cup_soft_dice"]) / 2,
+           "disc_fragments": math.log1p(max(f["disc_components"] - 1, 0)),
+           "cup_fragments": math.log1p(max(f["cup_components"] - 1, 0))}
+    cdr_ok = 1.0 if 0.1 <= f["cdr"] <= 0.9 else 0.0
+    out["shape"] = 100 * (f["disc_ellipse"] * f["disc_solidity"] * f["cup_solidity"] * f["cup_in_disc"]
+                          * f["disc_largest"] * f["cup_largest"] * cdr_ok) ** (1 / 6)
+    return out
+
+
+# what the calibrated estimate reads (features and derived signals)
+FEATURES = ("disc_agreement", "cup_agreement", "disc_soft_dice", "cup_soft_dice", "disc_ellipse", "cup_ellipse",
+            "disc_solidity", "cup_solidity", "disc_largest", "cup_largest", "disc_fragments", "cup_fragments",
+            "cup_in_disc", "cdr", "disc_area", "cup_area", "disc_offset")
+
+
+# --- the calibrated estimate --------------------------------------------------------------------------
+@dataclass
+class QualityModel:
+    """Features -> estimated mean Dice (0-100): a ridge regression on standardised features.
+
+    Stored with the checkpoint as a plain dict (`to_dict`), fitted by `fit` on source images only.
+    """
+    names: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    info: dict = field(default_factory=dict)
+
+    def predict(self, feats: dict[str, float]) -> float:
+        feats = {**feats, **derived(feats)}
+        x = np.array([feats.get(n, 0.0) for n in self.names], dtype=float)
+        z = (x - np.array(self.mean)) / np.array(self.scale)
+        return float(np.clip(z @ np.array(self.coef) + self.intercept, 0.0, 100.0))
+
+    def to_dict(self) -> dict:
+        return {"names": self.names, "mean": self.mean, "scale": self.scale, "coef": self.coef,
+                "intercept": self.intercept, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QualityModel":
+        return cls(**d)
+
+    @classmethod
+    def fit(cls, rows: list[dict[str, float]], dice: list[float], names: list[str], alpha: float = 1.0) -> "QualityModel":
+        rows = [{**r, **derived(r)} for r in rows]
+        x = np.array([[r.get(n, 0.0) for n in names] for r in rows], dtype=float)
+        y = np.asarray(dice, dtype=float)
+        mean, scale = x.mean(0), x.std(0) + 1e-9
+        z = (x - mean) / scale
+        coef = np.linalg.solve(z.T @ z + alpha * np.eye(len(names)), z.T @ (y - y.mean()))
+        return cls(names, mean.tolist(), scale.tolist(), coef.tolist(), float(y.mean()), {"samples": len(y)})
+
+
+# --- fitting at source-training time --------------------------------------------------------------------
+def simulate_shift(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random acquisition and crop shift of labelled source images x [B,3,H,W], masks y [B,2,H,W].
+
+    Colour cast, gamma, contrast, blur, noise and an illumination gradient change the image only;
+    zoom and translation (another crop protocol) move image and mask together. Strengths reach
+    well past the source's own variation so the fit sees failures, not just successes.
+    """
+    b = x.shape[0]
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*(shape or (b,)), generator=g)  # noqa: E731
+    scale = torch.exp(u(math.log(0.6), math.log(1.5)))
+    shift = u(-0.25, 0.25, b, 2)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    gains = torch.exp(u(-0.5, 0.5, b, 3, 1, 1))
+    x = x.clamp(0, 1) ** torch.exp(u(-0.8, 0.8)).view(b, 1, 1, 1) * gains
+    contrast = u(0.3, 1.3).view(b, 1, 1, 1)
+    x = (x - x.mean((1, 2, 3), keepdim=True)) * contrast + x.mean((1, 2, 3), keepdim=True)
+    ramp = torch.linspace(-1, 1, x.shape[-1]).view(1, 1, 1, -1) * u(-0.6, 0.6).view(b, 1, 1, 1)
+    x = x * (1 + ramp)
+    sigma = u(0.0, 3.0)
+    for i in range(b):
+        if sigma[i] > 0.3:
+            k = max(1, int(3 * sigma[i]))
+            t = torch.arange(-k, k + 1, dtype=x.dtype)
+            w = torch.exp(-0.5 * (t / sigma[i]) ** 2)
+            w = (w / w.sum()).repeat(3, 1)
+            xi = F.conv2d(F.pad(x[i : i + 1], (k, k, 0, 0), mode="replicate"), w[:, None, None, :], groups=3)
+            x[i : i + 1] = F.conv2d(F.pad(xi, (0, 0, k, k), mode="replicate"), w[:, None, :, None], groups=3)
+    x = x + u(0.0, 0.08).view(b, 1, 1, 1) * torch.randn(x.shape, generator=g)
+    lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-6), y
+
+
+@torch.no_grad()
+def calibration_rows(predict, images: torch.Tensor, masks: torch.Tensor, copies: int = 3, seed: int = 0
+                     ) -> list[dict[str, float]]:
+    """Features and true mean Dice of the source model on its own labelled images under simulated shifts.
+
+    predict: the frozen source model (images -> logits); images [N,3,H,W], masks [N,2,H,W];
+    each image is seen once as it is and `copies` times shifted. Returns rows with key "dice".
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(len(images)):
+        x, y = images[i : i + 1], masks[i : i + 1]
+        for c in range(copies + 1):
+            xs, ys = (x, y) if c == 0 else simulate_shift(x, y, g)
+            probs = torch.sigmoid(predict(xs).float())
+            refs = [r[0] for r in source_references(predict, xs)]
+            hard = probs[0] > 0.5
+            inter = (hard & ys[0].bool()).sum((1, 2)).double()
+            dice = (100 * (2 * inter + 1e-6) / (hard.sum((1, 2)) + ys[0].bool().sum((1, 2)) + 1e-6)).mean()
+            rows.append({**features(probs[0], refs), "dice": float(dice)})
+    return rows
+
+
+class QualityMonitor:
+    """Scores a stream's predictions, image by image, against the frozen source model.
+
+    model: the source model (copied, frozen, eval-mode BN: its running statistics); quality: the
+    checkpoint's fitted QualityModel; plan: the adapter's precision and layout.
+    """
+
+    def __init__(self, model: torch.nn.Module, quality: QualityModel | dict, plan) -> None:
+        self.quality = quality if isinstance(quality, QualityModel) else QualityModel.from_dict(quality)
+        self.plan = plan
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        plan.prepare(self.model)
+
+    @torch.no_grad()
+    def source_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The unadapted source model's logits: x [B,3,H,W] -> [B,2,H,W] fp32."""
+        with self.plan.autocast(grad=False):
+            return self.model(self.plan.layout(x)).float()
+
+    @torch.no_grad()
+    def assess(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[list[float], list[float], torch.Tensor]:
+        """(estimated Dice of `logits` [B,2,H,W], of the source model's prediction, the source's logits)."""
+        src = self.source_logits(x)
+        refs = source_references(self.source_logits, x)
+        est = lambda lg: [self.quality.predict(features(torch.sigmoid(lg[b]).cpu(), [r[b].cpu() for r in refs]))  # noqa: E731
+                          for b in range(x.shape[0])]
+        return est(logits.float()), est(src), src
+
+
+def fit_quality(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, limit: int = 80,
+                copies: int = 3, seed: int = 0) -> dict:
+    """Fit the QualityModel on the source's own labelled images (at most `limit`, each as it is and
+    `copies` times shifted) and return it as the dict kept in the checkpoint under "quality"."""
+    from grata.speed import Plan, Speed  # the fast path's precision, as the sites will run it
+
+    plan = Plan.resolve(Speed.named("fast"), torch.device("cpu"))
+    monitor = QualityMonitor(model, QualityModel(list(FEATURES), [0.0] * len(FEATURES), [1.0] * len(FEATURES),
+                                                 [0.0] * len(FEATURES), 0.0), plan)
+    idx = torch.linspace(0, len(images) - 1, min(limit, len(images))).round().long()
+    rows = calibration_rows(monitor.source_logits, images[idx], masks[idx], copies=copies, seed=seed)
+    fitted = QualityModel.fit(rows, [r["dice"] for r in rows], list(FEATURES))
+    fitted.info.update(images=len(idx), copies=copies, seed=seed, dice_mean=float(np.mean([r["dice"] for r in rows])))
+    return fitted.to_dict()
