@@ -161,6 +161,12 @@ def test_wide_field_data():
     assert wide[:, 0, 0].abs().max() == 0
     with pytest.raises(ValueError, match="field_scale"):
         DataConfig(field_scale=1.5)
+    from grata.config import open_domain
+    from grata.widefield import WideField
+
+    cfg = DataConfig(size=64, synthetic_test=2, field_scale=0.5)
+    assert isinstance(open_domain(cfg, "gamma", "test"), WideField)
+    assert not isinstance(open_domain(cfg, cfg.source, "test"), WideField)  # the source keeps its protocol
 
 
 def test_evaluate_runs_the_geometry_methods_end_to_end(tmp_path):
