@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=["source", "source_geometry"])
     parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.6, 0.4])
     parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--split", default="all", choices=["all", "test", "train"], help="the targets' split")
     parser.add_argument("--synthetic", type=int, default=64, help="wide_field images (0: skip)")
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--root", default="../shared/data/fundus")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     from grata.train_source import default_checkpoint, load_split
     from server.config import load_config
 
-    cfg = load_config(["data=fundus", f"data.root={args.root}"], config_name="evaluate")
+    cfg = load_config(["data=fundus", f"data.root={args.root}", f"data.target_split={args.split}"], config_name="evaluate")
     checkpoint = Path(args.checkpoint or cfg.checkpoint or default_checkpoint(cfg))
     if not Path(cfg.data.root).is_dir() or not checkpoint.is_file():
         raise SystemExit(f"needs the fundus data ({cfg.data.root}) and the source model ({checkpoint})")

@@ -262,7 +262,7 @@ class GeometryStep:
     retry: re-run once when the adapter's prediction on the crop says the crop was off.
     """
     reference: dict
-    keep_whole: float = 0.75
+    keep_whole: float = 0.6
     min_side: float = 0.12
     retry: bool = True
 
@@ -296,13 +296,13 @@ class GeometryStep:
             return Box.whole(size, size)
         edge = torch.cat([disc[0], disc[-1], disc[:, 0], disc[:, -1]]).float().mean().item()
         ref = self.reference["disc_share"]
-        if edge < 0.15 and ref / 2 < share < ref * 2:
+        if edge < 0.05 and ref / 2 < share < ref * 2:
             return None
         ys, xs = torch.nonzero(disc, as_tuple=True)
         scale = box.side / disc.shape[-1]
         cy, cx = box.y0 + (ys.float().mean().item() + 0.5) * scale, box.x0 + (xs.float().mean().item() + 0.5) * scale
         # a disc cut by the crop's edge is larger than it shows: widen by at least half again
-        grow = max(math.sqrt(share / ref), 1.5 if edge >= 0.15 else 0.0)
+        grow = max(math.sqrt(share / ref), 1.5 if edge >= 0.05 else 0.0)
         side = box.side * grow
         if side >= self.keep_whole * size:
             return Box.whole(size, size)

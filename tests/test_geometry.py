@@ -52,7 +52,7 @@ def _disc_image(cy: float, cx: float, radius: float, size: int = S, seed: int = 
 REF = {"disc_share": 0.2, "detector_gain": 1.0, "min_contrast": 1.0}
 
 
-@pytest.mark.parametrize("radius", [0.05, 0.09, 0.16])
+@pytest.mark.parametrize("radius", [0.05, 0.09, 0.14])
 @pytest.mark.parametrize("where", [(0.5, 0.5), (0.3, 0.7), (0.65, 0.3), (0.72, 0.6)])
 def test_a_disc_anywhere_at_three_scales_is_found(radius, where):
     image, disc = _disc_image(*where, radius)
