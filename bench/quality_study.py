@@ -3,7 +3,8 @@
     python -m bench.quality_study --checkpoint checkpoints/source_fundus_RIM_ONE_r2_resnet34_256.pt \
         --out bench/results/quality_rows.jsonl [--limit N] [--methods source fedgrata]
 
-For every real target (all images) and the in-domain RIM_ONE_r2 test split, each method adapts
+For every real target (all images) and the in-domain RIM_ONE_r2 test split (or, with --data synthetic,
+every synthetic style's test images), each method adapts
 online as in the paper's protocol; every image's row holds its true Dice (never used by the
 features), the features of the method's prediction against the frozen source model's perturbed
 references (grata.quality), and the method's own per-step diagnostics. bench/quality_table.py
@@ -23,9 +24,17 @@ from grata.adapters import build_adapter
 from grata.data import fundus_split
 from grata.metrics import score
 from grata.models import load_checkpoint
-from grata.quality import calibration_rows, features, source_references
+from grata.quality import calibration_rows
+from grata.synthetic import SyntheticDomain
 
-TARGETS = (("RIM_ONE_r1", "all"), ("RIM_ONE_r3", "all"), ("Drishti_GS", "all"), ("RIM_ONE_r2", "test"))
+TARGETS = {"fundus": (("RIM_ONE_r1", "all"), ("RIM_ONE_r3", "all"), ("Drishti_GS", "all"), ("RIM_ONE_r2", "test")),
+           "synthetic": tuple((s, "test") for s in ("clean", "colour_cast", "gamma", "low_contrast", "blur", "noise",
+                                                     "uneven_light", "large_disc"))}
+SOURCE = {"fundus": "RIM_ONE_r2", "synthetic": "clean"}
+
+
+def open_split(kind: str, root: str, domain: str, split: str, size: int, n: int = 48):
+    return fundus_split(root, domain, split, size) if kind == "fundus" else SyntheticDomain(domain, n, size, split)
 
 
 def method_options(name: str) -> tuple[str, dict]:
@@ -36,6 +45,7 @@ def method_options(name: str) -> tuple[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--data", choices=sorted(TARGETS), default="fundus")
     ap.add_argument("--root", default="../shared/data/fundus")
     ap.add_argument("--out", default="bench/results/quality_rows.jsonl")
     ap.add_argument("--methods", nargs="+", default=["source", "fedgrata"])
@@ -50,7 +60,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as fh:
         if args.calibration:  # the source's own training images under simulated shifts (the fit's data)
-            ds = fundus_split(args.root, "RIM_ONE_r2", "train", args.size)
+            ds = open_split(args.data, args.root, SOURCE[args.data], "train", args.size, args.calibration)
             n = min(len(ds), args.calibration)
             images = torch.stack([ds[i].image for i in range(n)])
             masks = torch.stack([ds[i].mask for i in range(n)])
@@ -60,20 +70,25 @@ def main() -> None:
             print(f"calibration {n} images x {args.copies + 1} {time.perf_counter() - t0:6.0f}s", flush=True)
         for method in args.methods:
             kind, options = method_options(method)
-            adapter = build_adapter(kind, model, shift_reference=meta.get("shift_reference"), **options)
-            for target, split in TARGETS:
+            adapter = build_adapter(kind, model, shift_reference=meta.get("shift_reference"), quality=meta["quality"],
+                                    **options)
+            for target, split in TARGETS[args.data]:
                 adapter.reset()
-                ds = fundus_split(args.root, target, split, args.size)
+                ds = open_split(args.data, args.root, target, split, args.size)
                 n = min(len(ds), args.limit) if args.limit else len(ds)
                 t0 = time.perf_counter()
                 for i in range(n):
                     s = ds[i]
                     x = s.image[None]
                     logits = adapter.adapt_and_predict(x)
-                    refs = [r[0] for r in source_references(source.forward, x)]
+                    returned = "source" if adapter.last_step["fallback"] else "adapted"  # what the method answered
                     row = {"method": method, "target": target, "image": s.name,
                            **{k: float(v[0]) for k, v in score(logits, s.mask[None], with_asd=False).items()},
-                           **features(torch.sigmoid(logits[0]), refs),
+                           **adapter.monitor.last_features[returned][0],
+                           **{f"{k}_{name}": float(v[0]) for name, lg in zip(("adapted", "source"), adapter.last_candidates)
+                              for k, v in score(lg, s.mask[None], with_asd=False).items() if k == "dice_mean"},
+                           "quality": adapter.last_step["quality"], "quality_source": adapter.last_step["quality_source"],
+                           "quality_gain": adapter.last_step["quality_gain"], "fallback": adapter.last_step["fallback"],
                            **{f"step_{k}": v for k, v in adapter.last_step.items()}}
                     fh.write(json.dumps(row) + "\n")
                 fh.flush()

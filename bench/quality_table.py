@@ -18,7 +18,8 @@ from scipy.stats import spearmanr
 
 from grata.quality import FEATURES, QualityModel, derived
 
-SIGNALS = ("estimate", "agreement", "soft_dice", "shape", "disc_agreement", "cup_agreement", "disc_soft_dice",
+SIGNALS = ("estimate", "expected", "agreement", "soft_dice", "shape", "disc_expected", "cup_expected",
+           "disc_agreement", "cup_agreement", "disc_soft_dice",
            "cup_soft_dice", "disc_ellipse", "cup_ellipse", "disc_solidity", "cup_solidity", "cup_in_disc",
            "disc_components", "cup_components", "step_proxy")
 
@@ -44,21 +45,54 @@ def table(rows: list[dict], model: QualityModel) -> dict:
     return out
 
 
+def selection(rows: list[dict], model: QualityModel, method: str, margins=(-5.0, -2.0, 0.0, 2.0, 5.0)) -> dict:
+    """Offline do-no-harm: per image, the source's prediction replaces `method`'s when the source's estimate
+    leads by more than the margin. Exact for a method whose adaptation does not read its own outputs
+    (the output choice feeds nothing back). Returns per target and margin the mean Dice and fallback share."""
+    src = {(r["target"], r["image"]): r for r in rows if r["method"] == "source" and r["target"] != "calibration"}
+    out: dict = defaultdict(dict)
+    for r in rows:
+        if r["method"] != method or (r["target"], r["image"]) not in src:
+            continue
+        s = src[(r["target"], r["image"])]
+        lead = model.predict(s) - model.predict(r)
+        for m in margins:
+            cell = out[r["target"]].setdefault(m, {"dice": [], "fallback": [], "source": [], "method": []})
+            pick = s if lead > m else r
+            cell["dice"].append(pick["dice_mean"])
+            cell["fallback"].append(float(lead > m))
+            cell["source"].append(s["dice_mean"])
+            cell["method"].append(r["dice_mean"])
+    return {t: {m: {k: float(np.mean(v)) for k, v in c.items()} for m, c in ms.items()} for t, ms in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("rows", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--checkpoint", help="use the checkpoint's fitted quality model instead of fitting on the rows")
     args = ap.parse_args()
     rows = load(args.rows)
     calib = [r for r in rows if r["target"] == "calibration"]
-    model = QualityModel.fit(calib, [r["dice"] for r in calib], list(FEATURES))
+    if args.checkpoint:
+        import torch
+        model = QualityModel.from_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["quality"])
+    else:
+        model = QualityModel.fit(calib, [r["dice"] for r in calib], list(FEATURES))
     cells = table(rows, model)
-    sig = ("estimate", "agreement", "soft_dice", "shape", "step_proxy")
+    sig = ("estimate", "expected", "cup_expected", "agreement", "soft_dice", "shape", "step_proxy")
     print(f"{'method/target':<24}{'n':>4}{'dice':>7}{'est':>7}" + "".join(f"{s[:10]:>11}" for s in sig))
     for key, c in cells.items():
         print(f"{key:<24}{c['images']:>4}{c['dice']:>7.1f}{c['estimate']:>7.1f}" + "".join(f"{c['rho_' + s]:>11.2f}" for s in sig))
+    picks = {m: selection(rows, model, m) for m in sorted({r["method"] for r in rows} - {"source"})}
+    for method, targets in picks.items():
+        print(f"\ndo-no-harm for {method}: mean Dice (fallback share) by margin; source | {method} alone")
+        for target, ms in sorted(targets.items()):
+            any_m = next(iter(ms.values()))
+            print(f"  {target:<12} source {any_m['source']:.2f} | alone {any_m['method']:.2f} | " + "  ".join(
+                f"m={m:+.0f}: {c['dice']:.2f} ({c['fallback']:.2f})" for m, c in ms.items()))
     if args.json:
-        args.json.write_text(json.dumps({"fit": model.to_dict(), "cells": cells}, indent=2))
+        args.json.write_text(json.dumps({"fit": model.to_dict(), "cells": cells, "selection": picks}, indent=2))
 
 
 if __name__ == "__main__":

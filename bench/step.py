@@ -49,7 +49,10 @@ def run_step(job: dict) -> dict:
     torch.manual_seed(0)
     adapter_name, options = method_options(job["method"])
     model = build_model(job["encoder"])
-    adapter = build_adapter(adapter_name, model, shift_reference=1e9, speed=job["speed"], device=job["device"], **options)
+    from grata.quality import QualityModel
+
+    adapter = build_adapter(adapter_name, model, shift_reference=1e9, quality=QualityModel.constant().to_dict(),
+                            speed=job["speed"], device=job["device"], **options)
     images = SyntheticDomain("gamma", n=job["warmup"] + job["repeats"], size=job["size"])
     batch = [images[i].image[None] for i in range(len(images))]
     before = torch.cuda.memory_allocated() / 2**20 if job["device"] == "cuda" else rss_mib()

@@ -83,19 +83,16 @@ def test_simulated_shift_moves_image_and_mask_together():
         assert inside > outside + 0.2
 
 
-def constant_quality(prefer_source: bool) -> dict:
+def area_quality() -> dict:
     """A quality model that scores by the disc's area: small discs (the collapsed adapter's) score low."""
-    names = list(FEATURES)
-    coef = [0.0] * len(names)
-    coef[names.index("disc_area")] = 30.0
-    return QualityModel(names, [0.0] * len(names), [1.0] * len(names), coef, 50.0).to_dict()
+    return QualityModel(["disc_area"], [0.0], [1.0], [30.0], 50.0).to_dict()
 
 
 def test_a_collapsing_adapter_falls_back_to_the_source_and_is_reset(tiny_model):
     """Adaptation that wrecks the prediction (a huge Tent step): the estimate sees it, each image is
     answered by the source model instead, and the guard returns the parameters to the source."""
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    quality = constant_quality(True)
+    quality = area_quality()
     source = build_adapter("source", tiny_model, quality=quality, speed="faithful")
     src_logits = source.adapt_and_predict(x)
     adapter = build_adapter("tent", tiny_model, lr=50.0, bn="source", quality=quality, fallback=True,
@@ -117,7 +114,7 @@ def test_a_collapsing_adapter_falls_back_to_the_source_and_is_reset(tiny_model):
 
 def test_guard_state_survives_a_new_adapter(tiny_model):
     """The guard's memory is part of the adapter's state: a fresh process continues it."""
-    quality = constant_quality(True)
+    quality = area_quality()
     make = lambda: build_adapter("tent", tiny_model, lr=1e-3, bn="source", quality=quality, guard=5.0,  # noqa: E731
                                  guard_warmup=3, speed="faithful")
     a = make()

@@ -284,6 +284,7 @@ class Adapter:
         the source's estimate leads by more than fallback_margin (fallback=True). Records quality
         (of what is returned), quality_source, quality_gain (mean adapted - source) and fallback."""
         est, est_src, src = self.monitor.assess(images, logits)
+        self.last_candidates = (logits.detach().cpu(), src.cpu())  # (adapted, source): what the choice was between
         use_src = [self.fallback and s - a > self.fallback_margin for a, s in zip(est, est_src)]
         if any(use_src):
             pick = torch.tensor(use_src, device=logits.device).view(-1, 1, 1, 1)
