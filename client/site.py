@@ -95,7 +95,7 @@ def load_source(path: str | Path) -> tuple[ResUNet, dict, str]:
 @lru_cache(maxsize=4)
 def _load_source(path: str, size: int, mtime: int) -> tuple[ResUNet, dict, str]:
     model, meta = load_checkpoint(path)
-    return model, {k: v for k, v in meta.items() if k in ("shift_reference", "quality")}, weights_digest(model)
+    return model, {k: v for k, v in meta.items() if k in ("shift_reference", "quality", "geometry")}, weights_digest(model)
 
 
 def chunk(n: int, rounds: int, rnd: int, min_images: int = 1) -> range:
@@ -133,7 +133,8 @@ class Site:
         # no global torch.manual_seed here: sites run side by side in threads (InlineGrid with a round
         # timeout), and the adapter draws its augmentations from its own seeded generator
         self.adapter: Adapter = build_adapter(cfg.adapter, model, seed=cfg.seed, shift_reference=meta.get("shift_reference"),
-                                              quality=meta.get("quality"), **cfg.options)
+                                              quality=meta.get("quality"),
+                                              geometry_reference=meta.get("geometry"), **cfg.options)
         if self.adapter.monitor is None:
             raise RuntimeError(f"site {name}: the source model {Path(model_path).name} has no quality model, so the site "
                                "could not tell whether adaptation helps; add it with python -m grata.train_source "

@@ -9,6 +9,7 @@ import torch
 
 from grata.data import ImageFolder, fundus_split
 from grata.synthetic import SyntheticDomain, style_of
+from grata.widefield import WideField
 
 
 @dataclass
@@ -25,6 +26,7 @@ class DataConfig:
     synthetic_test: int = 48
     on_error: str = "raise"  # raise | skip
     seed: int = 0
+    field_scale: float = 1.0  # < 1: every target image shown this much smaller in a wider circular field (grata/widefield.py)
 
     def __post_init__(self) -> None:
         if self.kind not in ("synthetic", "fundus", "folder"):
@@ -36,6 +38,8 @@ class DataConfig:
                 raise ValueError(f"data.{key}={getattr(self, key)!r}: choose train, test or all")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={self.on_error!r}: choose raise or skip")
+        if not 0 < self.field_scale <= 1:
+            raise ValueError(f"data.field_scale={self.field_scale}: must lie in (0, 1] (1 = images as they are)")
 
 
 @dataclass
@@ -68,11 +72,17 @@ def resolve_root(root: str, base: str | Path | None = None) -> Path:
 
 
 def open_domain(cfg: DataConfig, domain: str, split: str, base: str | Path | None = None) -> torch.utils.data.Dataset:
-    """The dataset of one domain and split (train, test or all) for the configured data kind."""
+    """The dataset of one domain and split (train, test or all) for the configured data kind, shown in
+    a wider field when data.field_scale < 1 (never the source: see `open_source`)."""
+    ds = _open_domain(cfg, domain, split, base)
+    return ds if cfg.field_scale == 1 or domain == cfg.source else WideField(ds, cfg.field_scale)
+
+
+def _open_domain(cfg: DataConfig, domain: str, split: str, base: str | Path | None = None) -> torch.utils.data.Dataset:
     if cfg.kind == "synthetic":
         style_of(domain)  # the error names the domain and the styles
         if split == "all":
-            parts = [open_domain(cfg, domain, s) for s in ("train", "test")]
+            parts = [_open_domain(cfg, domain, s) for s in ("train", "test")]
             return torch.utils.data.ConcatDataset(parts)
         n = cfg.synthetic_train if split == "train" else cfg.synthetic_test
         return SyntheticDomain(domain, n=n, size=cfg.size, split=split, seed=cfg.seed)

@@ -28,6 +28,8 @@ class Style:
     illumination: float = 0.0  # strength of a linear light gradient across the crop
     glare: float = 0.0  # brightness of a haze blob near the crop's edge (a bright, disc-like distractor)
     disc_scale: float = 1.0
+    disc_offset: float = 0.12  # the disc centre's range around the frame centre (fraction of the half-side)
+    field_of_view: float = 0.0  # > 0: black outside a centred circle of this radius (fraction of the half-side)
 
 
 STYLES: dict[str, Style] = {
@@ -39,6 +41,8 @@ STYLES: dict[str, Style] = {
     "noise": Style(noise_std=0.18),
     "uneven_light": Style(illumination=0.8, glare=0.7, gamma=1.4, gains=(0.85, 1.0, 1.15)),
     "large_disc": Style(disc_scale=1.7, gains=(1.0, 0.75, 0.7), gamma=1.3),
+    # the full field of another crop protocol: small disc anywhere in a circular field of view
+    "wide_field": Style(disc_scale=0.4, disc_offset=0.5, field_of_view=0.96, gamma=1.2, illumination=0.3),
 }
 
 
@@ -68,7 +72,7 @@ def render(size: int, style: Style, g: torch.Generator) -> tuple[torch.Tensor, t
     """One image [3, S, S] in [0, 1] and its mask [2, S, S] (disc, cup)."""
     lin = torch.linspace(-1, 1, size)
     y, x = torch.meshgrid(lin, lin, indexing="ij")
-    cx, cy = _uniform(g, -0.12, 0.12), _uniform(g, -0.12, 0.12)
+    cx, cy = _uniform(g, -style.disc_offset, style.disc_offset), _uniform(g, -style.disc_offset, style.disc_offset)
     rd = _uniform(g, 0.24, 0.34) * style.disc_scale
     aspect = _uniform(g, 0.88, 1.12)
     rc = rd * _uniform(g, 0.35, 0.65)
@@ -119,7 +123,10 @@ def render(size: int, style: Style, g: torch.Generator) -> tuple[torch.Tensor, t
         img = _gaussian_blur(img, style.blur_sigma * size / 256)
     if style.noise_std:
         img = img + style.noise_std * torch.randn(img.shape, generator=g)
-    return minmax(img.clamp(0, 1)), torch.stack([disc, cup]).float()
+    img = img.clamp(0, 1)
+    if style.field_of_view:  # the camera's aperture: nothing is imaged outside it
+        img = img * (torch.sqrt(x ** 2 + y ** 2) <= style.field_of_view)
+    return minmax(img), torch.stack([disc, cup]).float()
 
 
 def style_of(domain: str) -> str:

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from grata.adapters.base import shift_reference
 from grata.config import DataConfig, TrainConfig, open_domain
 from grata.data import stream
+from grata.geometry import geometry_reference
 from grata.losses import segmentation_loss
 from grata.metrics import score
 from grata.models import ModelConfig, ResUNet, load_checkpoint, save_checkpoint
@@ -151,11 +152,16 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,
                         history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg),
                         shift_reference=meta["shift_reference"], quality=meta["quality"])
+    if "geometry" not in meta:  # the source's disc scale, for the geometry step (grata/geometry.py)
+        meta["geometry"] = geometry_reference(images, masks)
+        save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,
+                        history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg),
+                        shift_reference=meta["shift_reference"], quality=meta["quality"], geometry=meta["geometry"])
     test_images, test_masks = load_split(cfg.data, "test", base)
     summary = {
         "checkpoint": str(path), "data": asdict(cfg.data), "model": asdict(cfg.model), "train": asdict(cfg.train),
         "in_domain_test": evaluate_in_domain(model, test_images, test_masks), "test_images": len(test_images),
-        "history": history, "shift_reference": meta["shift_reference"],
+        "history": history, "shift_reference": meta["shift_reference"], "geometry": meta["geometry"],
     }
     path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     d = summary["in_domain_test"]

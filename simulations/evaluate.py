@@ -26,7 +26,8 @@ from grata.data import StreamReport, stream
 from grata.metrics import score
 from grata.models import load_checkpoint
 from grata.progress import Progress
-from grata.train_source import TrainSourceConfig, ensure_source
+from grata.geometry import ensure_reference
+from grata.train_source import TrainSourceConfig, ensure_source, load_split
 from simulations.plots import dice_bars
 
 
@@ -55,11 +56,11 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def evaluate_method(name: str, method: MethodConfig, model: torch.nn.Module, data: DataConfig,
                     base: Path | None, limit: int = 0, seed: int = 0, shift_reference: float | None = None,
-                    quality: dict | None = None) -> tuple[dict, list[dict]]:
+                    quality: dict | None = None, geometry_reference: dict | None = None) -> tuple[dict, list[dict]]:
     """Run one method over every target; returns per-target means and per-image records (with the
     label-free `quality` estimate of every prediction when the checkpoint has a quality model)."""
     adapter = build_adapter(method.adapter, model, seed=seed, shift_reference=shift_reference, quality=quality,
-                            **method.options)
+                            geometry_reference=geometry_reference, **method.options)
     summary, records = {}, []
     for target in data.targets:
         adapter.reset()
@@ -128,12 +129,16 @@ def run(cfg: EvaluateConfig, base: Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     model, meta = load_checkpoint(ensure_source(cfg, base), expect=cfg.model)
     ref, quality = meta.get("shift_reference"), meta.get("quality")
+    geo = None
+    if any(cfg.methods[name].options.get("geometry", "off") != "off" for name in cfg.run):
+        geo = ensure_reference(meta, lambda: load_split(cfg.data, "train", base))
     for name in cfg.run:  # fail on a bad option before any long work
-        build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, quality=quality, **cfg.methods[name].options)
+        build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, quality=quality, geometry_reference=geo,
+                      **cfg.methods[name].options)
     results, records = {}, []
     for name in cfg.run:
         results[name], rows = evaluate_method(name, cfg.methods[name], model, cfg.data, base, cfg.limit, cfg.seed, ref,
-                                              quality)
+                                              quality, geo)
         records += rows
     out = Path(cfg.out_dir)
     out = out if out.is_absolute() or base is None else base / out

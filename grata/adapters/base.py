@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from grata.augment import invert_views, weak_views
+from grata.geometry import build_geometry
 from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers
 from grata.quality import QualityMonitor
 from grata.speed import Plan, Speed
@@ -51,12 +52,15 @@ class Adapter:
                  shift_threshold: float = 10.0, auto_warmup: int = 4,
                  quality: dict | None = None, fallback: bool = False, fallback_margin: float = 0.0,
                  guard: float = 0.0, guard_warmup: int = 8,
-                 speed: str | Speed | dict = "fast", device: str = "cpu") -> None:
+                 speed: str | Speed | dict = "fast", device: str = "cpu",
+                 geometry: str = "off", geometry_reference: dict | None = None) -> None:
         """quality: the checkpoint's fitted QualityModel (grata.quality); with it every prediction gets a
         label-free Dice estimate (last_step["quality"]). fallback: per image, the source model's
         prediction replaces the adapted one when its estimate is ahead by more than fallback_margin.
         guard: points of smoothed estimated gain over the source (or, without a quality model, of
-        the method's own proxy) below its best at which the adapted parameters go back to the source."""
+        the method's own proxy) below its best at which the adapted parameters go back to the source.
+        geometry: "auto" segments a crop with the disc at the source's scale and maps it back
+        (grata/geometry.py; geometry_reference: the checkpoint's "geometry")."""
         if lr < 0:
             raise ValueError(f"lr={lr} must be >= 0")
         if guard < 0:
@@ -73,6 +77,8 @@ class Adapter:
                        else StatsPolicy.named(bn, bn_source_weight, site_momentum=site_momentum))
         self.bn_name = bn if isinstance(bn, str) else "custom"
         self.lr, self.ensemble = lr, ensemble
+        # geometry="auto": segment a crop at the source's disc scale, mapped back (grata/geometry.py)
+        self.geometry = build_geometry(geometry, geometry_reference)
         self.speed = Speed.named(speed)
         self.plan = Plan.resolve(self.speed, torch.device(device))
         self.pooled_weight: float | list[float] = 0.0  # share of coordinator-pooled statistics (set_pooled)
@@ -177,7 +183,8 @@ class Adapter:
         return {"method": self.name, "lr": self.lr, "bn": self.bn_name, "bn_policy": self.policy.__dict__,
                 "ensemble": self.ensemble, "quality": self.monitor is not None, "fallback": self.fallback,
                 "fallback_margin": self.fallback_margin, "guard": self.guard, "guard_warmup": self.guard_warmup,
-                "speed": self.plan.describe(), **auto}
+                "speed": self.plan.describe(), **auto,
+                "geometry": "off" if self.geometry is None else "auto"}
 
     # --- state -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -255,7 +262,12 @@ class Adapter:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         self.last_teacher = None
         images = images.to(self.plan.device)
-        logits = self.step(images)
+        if self.geometry is None:
+            logits = self.step(images)
+        else:  # the step sees the disc's crop; logits and teacher come back in the original frame
+            logits = self.geometry.apply(self.step, images, self.state_dict, self.load_state_dict)
+            self.last_teacher = self.geometry.to_frame(self.last_teacher)
+            self.last_step.update(self.geometry.last)
         self.last_step.update(self._update_auto())
         if self.monitor is not None:
             logits = self._judge(images, logits)

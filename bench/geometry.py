@@ -1,0 +1,87 @@
+"""What the geometry step costs per image, against one forward pass of the model at 256 px.
+
+    python -m bench.geometry [--size 256] [--encoder resnet34] [--repeats 30]
+
+Times, on synthetic wide_field images (the step's work does not depend on the data): the disc
+estimate (the classical detector), crop + min-max + map back of the logits, their sum, and one
+no-grad forward of ResUNet at the same size through a `source` adapter on the fast path (bf16 where
+native, channels-last) and on the fp32 faithful path. Writes bench/results/geometry.json.
+The retry (a second adapter step on a corrected crop) is not in this figure: its rate is counted
+per target by the Dice runs (`geo_retried` in per_image.csv) and reported in docs/geometry.md.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from bench.common import publish, spread, table, timed
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from grata.adapters import build_adapter
+    from grata.geometry import GeometryStep, crop, estimate_disc, paste, _minmax
+    from grata.models import build_model
+    from grata.synthetic import SyntheticDomain
+
+    images = [s.image[None] for s in SyntheticDomain("wide_field", n=args.repeats, size=args.size)]
+    ref = {"disc_share": 0.43, "detector_gain": 1.0, "min_contrast": 1.0}
+    step = GeometryStep(ref)
+    boxes = [step.choose_box(estimate_disc(x[0], ref), args.size) for x in images]
+    logits = torch.zeros(1, 2, args.size, args.size)
+    for x in images[:3]:  # warm-up
+        estimate_disc(x[0], ref)
+
+    def locate(x):
+        return step.choose_box(estimate_disc(x[0], ref), args.size)
+
+    def crop_and_back(x, box):  # the model's logits on the crop stand in as zeros
+        if box.is_whole(args.size, args.size):
+            return x
+        _minmax(crop(x, box, args.size))
+        return paste(logits, box, (args.size, args.size))
+
+    t_locate = [timed(lambda x=x: locate(x)) for x in images]
+    t_crop = [timed(lambda x=x, b=b: crop_and_back(x, b)) for x, b in zip(images, boxes)]
+    t_total = [a + b for a, b in zip(t_locate, t_crop)]
+    model = build_model(args.encoder).eval()
+    forward = {}
+    for speed in ("fast", "faithful"):
+        adapter = build_adapter("source", model, speed=speed)
+        with torch.no_grad():
+            for x in images[:2]:
+                adapter.forward(x)
+            forward[speed] = spread([timed(lambda x=x: adapter.forward(x)) for x in images[: max(5, args.repeats // 3)]])
+    rows = [
+        {"part": "disc estimate (classical detector)", **_ms(spread(t_locate))},
+        {"part": "crop + min-max + map back", **_ms(spread(t_crop))},
+        {"part": "geometry step total", **_ms(spread(t_total))},
+        {"part": f"one forward {args.encoder} {args.size} px, fast", **_ms(forward["fast"])},
+        {"part": f"one forward {args.encoder} {args.size} px, fp32 faithful", **_ms(forward["faithful"])},
+    ]
+    ratio = spread(t_total)["median"] / forward["fast"]["median"]
+    md = table(rows, [("part", "part", ""), ("median_ms", "median ms", ".2f"), ("q1_ms", "q1 ms", ".2f"),
+                      ("q3_ms", "q3 ms", ".2f")])
+    md += f"\n\ngeometry step / one fast forward = {ratio:.3f} (median over {args.repeats} images, {args.threads} threads)"
+    result = {"rows": rows, "ratio_to_fast_forward": ratio,
+              "cropped_share": sum(not b.is_whole(args.size, args.size) for b in boxes) / len(boxes)}
+    publish("geometry", args, md, **result)
+    return result
+
+
+def _ms(s: dict) -> dict:
+    return {"median_ms": s["median"] * 1e3, "q1_ms": s["q1"] * 1e3, "q3_ms": s["q3"] * 1e3, "n": s["n"]}
+
+
+if __name__ == "__main__":
+    main()

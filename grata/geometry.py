@@ -1,0 +1,372 @@
+"""The geometry step: find the optic disc, segment a crop at the source's scale, map it back.
+
+Hospitals crop fundus photographs differently (tight disc-centred crops, wider crops, the full
+field). A source model predicts a disc at its training scale wherever it looks, and no BN statistic
+or affine update changes scale. This stage, label-free and independent of the adapter:
+
+1. `locate`: a classical, model-free estimate of the disc's centre and radius: the bright, compact
+   blob with the strongest scale-normalised Laplacian-of-Gaussian response inside the camera's
+   field of view, at a 96 px working copy (milliseconds). Its size is calibrated once on the
+   source's own training images (`geometry_reference`, kept in the checkpoint under "geometry").
+2. `choose_box`: a square crop centred on the disc whose side makes the disc cover the source's
+   median share of the crop. When that crop would be about the whole frame (the site already
+   images at the source's scale) or no plausible disc is found, the whole image is used unchanged.
+3. The adapter segments the crop (resized to the model's size and min-max normalised, so BN
+   statistics and GraTa steps see source-like inputs); `paste` maps the logits back.
+4. A check on the adapter's own prediction: a disc that is missing or fills / touches the crop
+   means the estimate was off; the adapter's state is restored and the step re-run once on a
+   corrected crop (or on the whole image).
+
+Predictions always come back in the original image's frame. `estimate_disc` is the per-image
+estimate (centre, radius, share relative to the source's) as a plain function for quality
+features and a site's crop-protocol summary.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+WORK = 96  # working resolution of the classical detector (px); a disc of 3 % of the frame is ~3 px radius
+BACKGROUND_QUANTILE = 0.3  # the field brightness taken for background (the disc may cover half a tight crop)
+OUTSIDE_LOGIT = -20.0  # logits pasted outside the crop: certain background
+
+
+# --- crop and map back ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Box:
+    """A square in original-frame pixels (may extend past the frame; what lies outside reads as black)."""
+    y0: int
+    x0: int
+    side: int
+
+    @staticmethod
+    def whole(h: int, w: int) -> Box:
+        if h != w:
+            raise ValueError(f"the geometry step needs square frames, got {h}x{w}")
+        return Box(0, 0, h)
+
+    def is_whole(self, h: int, w: int) -> bool:
+        return (self.y0, self.x0, self.side) == (0, 0, h) and h == w
+
+    def as_dict(self) -> dict[str, int]:
+        return {"y0": self.y0, "x0": self.x0, "side": self.side}
+
+
+def _window(box: Box, h: int, w: int) -> tuple[slice, slice, slice, slice]:
+    """(frame rows, frame cols, box rows, box cols) of the part of `box` inside an h x w frame."""
+    fy0, fx0 = max(box.y0, 0), max(box.x0, 0)
+    fy1, fx1 = min(box.y0 + box.side, h), min(box.x0 + box.side, w)
+    if fy1 <= fy0 or fx1 <= fx0:
+        raise ValueError(f"crop {box} lies outside the {h}x{w} frame")
+    return (slice(fy0, fy1), slice(fx0, fx1),
+            slice(fy0 - box.y0, fy1 - box.y0), slice(fx0 - box.x0, fx1 - box.x0))
+
+
+def crop(x: torch.Tensor, box: Box, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """x [B, C, H, W] -> the box resized to [B, C, size, size]; zero outside the frame.
+
+    mode "bilinear" (images: antialiased when shrinking) or "nearest" (masks).
+    """
+    b, c, h, w = x.shape
+    fy, fx, by, bx = _window(box, h, w)
+    out = x.new_zeros(b, c, box.side, box.side)
+    out[:, :, by, bx] = x[:, :, fy, fx]
+    if box.side == size:
+        return out
+    if mode == "nearest":
+        return F.interpolate(out, size=(size, size), mode="nearest")
+    return F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False, antialias=box.side > size)
+
+
+def paste(y: torch.Tensor, box: Box, frame: tuple[int, int], fill: float = OUTSIDE_LOGIT,
+          mode: str = "bilinear") -> torch.Tensor:
+    """Inverse of `crop`: y [B, C, s, s] (the crop's output) -> [B, C, H, W] in the original frame,
+    `fill` where the crop did not reach. Logits are resized bilinearly, masks with mode "nearest"."""
+    h, w = frame
+    if y.shape[-1] != box.side:
+        if mode == "nearest":
+            y = F.interpolate(y, size=(box.side, box.side), mode="nearest")
+        else:
+            y = F.interpolate(y, size=(box.side, box.side), mode="bilinear", align_corners=False,
+                              antialias=y.shape[-1] > box.side)
+    fy, fx, by, bx = _window(box, h, w)
+    out = y.new_full((*y.shape[:2], h, w), fill)
+    out[:, :, fy, fx] = y[:, :, by, bx]
+    return out
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    flat = x.flatten(1)
+    lo, hi = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+
+# --- the classical disc detector -------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiscEstimate:
+    """One image's disc, in the image's own frame as fractions of its side (label-free).
+
+    cy, cx: centre (0..1 from the top-left); radius: detector radius (calibrated) / side;
+    share: the disc's estimated area / frame area; contrast: the blob's response in units of the
+    field of view's brightness spread (how disc-like the winner is); found: plausible disc or not.
+    """
+    cy: float
+    cx: float
+    radius: float
+    share: float
+    contrast: float
+    found: bool
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [N, 1, H, W], replicate padding."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def field_of_view(image: torch.Tensor, threshold: float = 0.06) -> torch.Tensor:
+    """Pixels inside the camera's field of view (not the black surround): [3, H, W] -> bool [H, W]."""
+    lit = _blur(image.amax(0)[None, None], 1.0)[0, 0] > threshold
+    # erode: the rim of the field of view is a bright-to-black edge, not anatomy
+    return -F.max_pool2d(-lit.float()[None, None], 5, 1, 2)[0, 0] > 0.5
+
+
+def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: float = 0.45
+                ) -> tuple[float, float, float, float]:
+    """The strongest bright blob of a fundus image [3, H, W] in [0, 1]: (cy, cx, radius, contrast),
+    centre and radius as fractions of the side, radius uncalibrated (sqrt(2) x the best LoG sigma).
+
+    Works on a WORK px copy. Outside the field of view the image is set to the field's median so
+    the black surround makes no blob; the frame is padded with that median as well, so a disc that
+    fills the frame is still scored at its scale.
+    """
+    small = F.interpolate(image[None].float(), size=(WORK, WORK), mode="area")[0]
+    fov = field_of_view(small)
+    grey = small.mean(0)
+    if fov.float().mean() < 0.05:
+        return 0.5, 0.5, 0.0, 0.0
+    inside = grey[fov]
+    med = inside.quantile(BACKGROUND_QUANTILE)  # the retina around the disc: what the padding stands for
+    spread = (inside - med).abs().median().clamp_min(1e-3) * 1.4826  # robust std of the field
+    z = torch.where(fov, (grey - med) / spread, torch.zeros_like(grey))
+    pad = WORK // 2
+    z = F.pad(z[None, None], (pad, pad, pad, pad), value=0.0)
+    valid = F.pad(fov[None, None].float(), (pad, pad, pad, pad))
+    ratio = 1.19
+    sigmas = [WORK * min_radius / math.sqrt(2) * ratio ** k for k in range(40)]
+    sigmas = [s for s in sigmas if s * math.sqrt(2) <= WORK * max_radius * ratio]
+    best, peaks = (-math.inf, 0, 0, 0), []
+    for k in range(len(sigmas) - 1):
+        # large scales on a pooled copy (a pyramid): the kernel stays a few taps wide, the cost flat
+        level = max(0, int(math.floor(math.log2(sigmas[k] / 2))))
+        f = 2 ** level
+        zl = F.avg_pool2d(z, f) if f > 1 else z
+        # scale-normalised difference of Gaussians ~ -sigma^2 LoG: positive on a bright blob of radius ~ sqrt(2) sigma
+        dog = (_blur(zl, sigmas[k] / f) - _blur(zl, sigmas[k + 1] / f))[0, 0] / (ratio ** 2 - 1) * 2
+        ok = (F.avg_pool2d(valid, f) if f > 1 else valid)[0, 0] > 0.999
+        dog = torch.where(ok, dog, torch.full_like(dog, -math.inf))
+        v, i = dog.flatten().max(0)
+        peaks.append(v.item())
+        if v.item() > best[0]:
+            y, x = (int(i) // dog.shape[1] + 0.5) * f - 0.5, (int(i) % dog.shape[1] + 0.5) * f - 0.5
+            best = (v.item(), y - pad, x - pad, k)
+    value, y, x, k = best
+    s = math.sqrt(sigmas[k] * sigmas[k + 1])
+    if 0 < k < len(peaks) - 1 and all(math.isfinite(p) for p in peaks[k - 1:k + 2]):
+        # the scale between the sampled ones: vertex of the parabola through the three peak responses
+        a, b, c = peaks[k - 1:k + 2]
+        curve = a - 2 * b + c
+        if curve < 0:
+            s *= ratio ** max(-0.5, min(0.5, 0.5 * (a - c) / curve))
+    return (y + 0.5) / WORK, (x + 0.5) / WORK, s * math.sqrt(2) / WORK, float(value)
+
+
+def estimate_disc(image: torch.Tensor, reference: dict) -> DiscEstimate:
+    """The disc of one image [3, H, W] (or [1, 3, H, W]) in [0, 1], label-free, calibrated by the
+    source's `reference` (`geometry_reference`). A quality feature and a site's crop protocol:
+    share / reference["disc_share"] says how much smaller (< 1) or larger the site images the disc."""
+    if image.ndim == 4:
+        image = image[0]
+    cy, cx, r, contrast = detect_blob(image)
+    radius = r * reference.get("detector_gain", 1.0)
+    share = math.pi * radius ** 2
+    found = contrast >= reference.get("min_contrast", 1.0) and radius > 0
+    return DiscEstimate(cy, cx, radius, share, contrast, found)
+
+
+def crop_protocol(estimates: list[DiscEstimate], reference: dict) -> dict[str, float]:
+    """A site's crop protocol from its images' estimates (label-free), for its summary: the share of
+    images with a plausible disc, the median disc scale relative to the source's (linear: 1 = the
+    source's scale, 0.5 = half the source's diameter) and the median disc centre (fractions of the side)."""
+    found = [e for e in estimates if e.found]
+    if not found:
+        return {"images": float(len(estimates)), "found_share": 0.0, "relative_scale": float("nan"),
+                "centre_y": float("nan"), "centre_x": float("nan")}
+    t = torch.tensor([[math.sqrt(e.share / reference["disc_share"]), e.cy, e.cx] for e in found])
+    med = t.median(0).values
+    return {"images": float(len(estimates)), "found_share": len(found) / len(estimates),
+            "relative_scale": float(med[0]), "centre_y": float(med[1]), "centre_x": float(med[2])}
+
+
+# --- the source's reference -------------------------------------------------------------------------
+def geometry_reference(images: torch.Tensor, masks: torch.Tensor) -> dict:
+    """The source domain's crop protocol, from its labelled training split: images [N, 3, H, W],
+    masks [N, 2, H, W]. disc_share: median disc area / frame area; detector_gain: median true radius
+    / detector radius on the same images (calibrates the blob detector's scale on the source only);
+    min_contrast: a detector response below which no disc is trusted (a fifth of the source's 10th
+    percentile)."""
+    area = masks[:, 0].flatten(1).float().mean(1)
+    keep = area > 0
+    if not keep.any():
+        raise ValueError("geometry reference: no source training mask contains a disc")
+    true_r = torch.sqrt(area[keep] / math.pi)
+    det = [detect_blob(im) for im in images[keep]]
+    det_r = torch.tensor([d[2] for d in det]).clamp_min(1e-6)
+    contrast = torch.tensor([d[3] for d in det])
+    share = area[keep]
+    return {
+        "disc_share": float(share.median()),
+        "disc_share_p10": float(share.quantile(0.1)),
+        "disc_share_p90": float(share.quantile(0.9)),
+        "detector_gain": float((true_r / det_r).median()),
+        "min_contrast": float(contrast.quantile(0.1)) / 5,
+        "images": int(keep.sum()),
+    }
+
+
+def ensure_reference(meta: dict, load_train: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The checkpoint's "geometry" metadata, or (checkpoints from before it existed) computed from
+    the source's training split, `load_train()` -> (images [N,3,S,S], masks [N,2,S,S]), and kept in
+    `meta` for the rest of the process (the checkpoint file is not rewritten)."""
+    if not meta.get("geometry"):
+        meta["geometry"] = geometry_reference(*load_train())
+    return meta["geometry"]
+
+
+# --- the step ---------------------------------------------------------------------------------------
+@dataclass
+class GeometryStep:
+    """Crop to the source's scale around the disc, segment through `step`, map back.
+
+    reference: `geometry_reference` of the source; keep_whole: use the whole image when the chosen
+    crop's side is at least this share of the frame's (the site already images at about the source's
+    scale); min_side: never crop tighter than this share of the frame (a disc wrongly found tiny);
+    retry: re-run once when the adapter's prediction on the crop says the crop was off.
+    """
+    reference: dict
+    keep_whole: float = 0.6
+    min_side: float = 0.12
+    retry: bool = True
+
+    def __post_init__(self) -> None:
+        missing = {"disc_share", "detector_gain"} - set(self.reference)
+        if missing:
+            raise ValueError(f"geometry reference lacks {sorted(missing)} (checkpoint metadata 'geometry')")
+        if not 0 < self.reference["disc_share"] < 1:
+            raise ValueError(f"geometry reference disc_share={self.reference['disc_share']} must lie in (0, 1)")
+        if not 0 < self.keep_whole <= 1.5 or not 0 < self.min_side < 1:
+            raise ValueError(f"geometry keep_whole={self.keep_whole} / min_side={self.min_side} out of range")
+        self.last: dict[str, float] = {}
+        self.boxes: list[tuple[Box, int]] = []  # the last call's (box, frame side) per image
+
+    def choose_box(self, est: DiscEstimate, size: int) -> Box:
+        """The crop for an estimate in a size x size frame: disc-centred, disc share = the source's."""
+        if not est.found:
+            return Box.whole(size, size)
+        side = math.sqrt(est.share / self.reference["disc_share"]) * size
+        if side >= self.keep_whole * size:
+            return Box.whole(size, size)
+        side = int(round(max(side, self.min_side * size)))
+        return Box(int(round(est.cy * size - side / 2)), int(round(est.cx * size - side / 2)), side)
+
+    def _check(self, logits: torch.Tensor, box: Box, size: int) -> Box | None:
+        """None if the prediction on the crop looks like a disc at the source's scale; else the
+        corrected crop (the predicted disc re-centred at the source's share, or the whole image)."""
+        disc = torch.sigmoid(logits[0, 0]) > 0.5
+        share = disc.float().mean().item()
+        if share == 0:
+            return Box.whole(size, size)
+        edge = torch.cat([disc[0], disc[-1], disc[:, 0], disc[:, -1]]).float().mean().item()
+        ref = self.reference["disc_share"]
+        if edge < 0.05 and ref / 2 < share < ref * 2:
+            return None
+        ys, xs = torch.nonzero(disc, as_tuple=True)
+        scale = box.side / disc.shape[-1]
+        cy, cx = box.y0 + (ys.float().mean().item() + 0.5) * scale, box.x0 + (xs.float().mean().item() + 0.5) * scale
+        # a disc cut by the crop's edge is larger than it shows: widen by at least half again
+        grow = max(math.sqrt(share / ref), 1.5 if edge >= 0.05 else 0.0)
+        side = box.side * grow
+        if side >= self.keep_whole * size:
+            return Box.whole(size, size)
+        side = int(round(max(side, self.min_side * size)))
+        return Box(int(round(cy - side / 2)), int(round(cx - side / 2)), side)
+
+    def apply(self, step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+              snapshot: Callable[[], object] | None = None, restore: Callable[[object], None] | None = None
+              ) -> torch.Tensor:
+        """Run `step` (the adapter's adapt-and-predict on [1, 3, S, S] -> logits [1, 2, S, S]) on the
+        disc's crop; returns logits in the original frame. snapshot/restore: the adapter's state, so a
+        retry on a corrected crop starts from where the wrong crop's step began."""
+        if images.shape[0] != 1:  # one crop per image; batches go image by image
+            outs, boxes = [], []
+            for x in images:
+                outs.append(self.apply(step, x[None], snapshot, restore))
+                boxes += self.boxes
+            self.boxes = boxes
+            return torch.cat(outs)
+        _, _, h, w = images.shape
+        est = estimate_disc(images[0], self.reference)
+        box = self.choose_box(est, h)
+        if box.is_whole(h, w):
+            self.last = self._record(est, box, h, retried=False)
+            return step(images)
+        saved = snapshot() if (self.retry and snapshot is not None) else None
+        logits = step(_minmax(crop(images, box, h)))
+        retried = False
+        if self.retry:
+            better = self._check(logits, box, h)
+            if better is not None and better != box:
+                if restore is not None and saved is not None:
+                    restore(saved)
+                box, retried = better, True
+                logits = step(images if box.is_whole(h, w) else _minmax(crop(images, box, h)))
+        self.last = self._record(est, box, h, retried)
+        return logits if box.is_whole(h, w) else paste(logits, box, (h, w))
+
+    def to_frame(self, probs: torch.Tensor | None) -> torch.Tensor | None:
+        """Probabilities [B, C, s, s] the step made on the last call's crops -> the original frames
+        (0 outside the crop); None stays None, as does anything not from that call."""
+        if probs is None or probs.shape[0] != len(self.boxes):
+            return None
+        return torch.cat([p[None] if box.is_whole(n, n) else paste(p[None], box, (n, n), fill=0.0)
+                          for p, (box, n) in zip(probs, self.boxes)])
+
+    def _record(self, est: DiscEstimate, box: Box, size: int, retried: bool) -> dict[str, float]:
+        self.boxes = [(box, size)]
+        return {"geo_found": float(est.found), "geo_cy": est.cy, "geo_cx": est.cx,
+                "geo_share_ratio": est.share / self.reference["disc_share"], "geo_contrast": est.contrast,
+                "geo_zoom": size / box.side, "geo_cropped": float(not box.is_whole(size, size)),
+                "geo_retried": float(retried)}
+
+
+GEOMETRY_MODES = ("off", "auto")
+
+
+def build_geometry(mode: str, reference: dict | None, **options) -> GeometryStep | None:
+    """`geometry=off` -> None; `auto` -> a GeometryStep (needs the source's reference)."""
+    if mode not in GEOMETRY_MODES:
+        raise ValueError(f"geometry={mode!r}: choose one of {GEOMETRY_MODES}")
+    if mode == "off":
+        return None
+    if not reference:
+        raise ValueError("geometry='auto' needs the source's disc geometry (checkpoint metadata 'geometry', "
+                         "computed from the source's training split by grata.geometry.ensure_reference)")
+    return GeometryStep(reference, **options)
