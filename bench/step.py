@@ -21,7 +21,8 @@ import torch
 
 from bench.common import peak_rss_mib, publish, rss_mib, spread, table, timed
 
-METHODS = ("source", "source_views", "bn", "tent", "sar", "grata_paper", "fedgrata", "fedgrata_fallback")
+METHODS = ("source", "source_views", "bn", "tent", "sar", "grata_paper", "fedgrata", "fedgrata_fallback",
+           "source_geometry", "bn_geometry", "fedgrata_geometry")
 CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
 
 
@@ -51,6 +52,12 @@ def run_step(job: dict) -> dict:
     model = build_model(job["encoder"])
     from grata.quality import QualityModel
 
+    if options.get("geometry", "off") != "off":  # the disc detector's calibration, from labelled synthetic images
+        from grata.geometry import geometry_reference
+
+        train = [SyntheticDomain("clean", n=8, size=job["size"], split="train")[i] for i in range(8)]
+        options = {**options, "geometry_reference": geometry_reference(torch.stack([s.image for s in train]),
+                                                                         torch.stack([s.mask for s in train]))}
     adapter = build_adapter(adapter_name, model, shift_reference=1e9, quality=QualityModel.constant().to_dict(),
                             speed=job["speed"], device=job["device"], **options)
     images = SyntheticDomain("gamma", n=job["warmup"] + job["repeats"], size=job["size"])

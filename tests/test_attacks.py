@@ -255,6 +255,7 @@ def test_deployment_keys_state_and_errors(tmp_path, checkpoint, monkeypatch):
     started = {}
     monkeypatch.setattr(Deployment, "_start", lambda self, name, args: started.setdefault(name, args))
     monkeypatch.setattr(Deployment, "wait_for", staticmethod(lambda *a, **k: None))
+    monkeypatch.setattr(Deployment, "listening", lambda self, proc, timeout=60: True)
     dep = Deployment(tmp_path / "dep")
     dep.start_superlink(nodes=1)
     args = started["superlink"]

@@ -34,7 +34,12 @@ def test_first_readable_follows_the_skip_rule(tmp_path):
 def test_a_corrupt_first_image_is_skipped_and_counted(tmp_path, checkpoint):
     folder = _folder(tmp_path)
     cfg = tiny_config(tmp_path, checkpoint, "data.on_error=skip", "federation.rounds=1", "data.sites=[partner]")
-    node = {"data-root": str(folder), "data-kind": "folder", "site": "partner", "state-dir": str(tmp_path / "state")}
+    from client.site import load_source
+
+    node = {"data-root": str(folder), "data-kind": "folder", "site": "partner", "state-dir": str(tmp_path / "state"),
+            # a deployed site sets its own privacy limits (client/limits.py)
+            "max-epsilon": 8.0, "max-delta": 1e-5, "min-noise-multiplier": 0.0, "min-images": 1,
+            "ledger-dir": str(tmp_path / "ledger"), "source-digest": load_source(checkpoint)[2]}
     grid = RecordingGrid(client_app, [node])
     result = federate(grid, cfg, tmp_path)
     metrics = dict(grid.replies[0].content["metrics"])
