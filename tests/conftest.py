@@ -75,20 +75,33 @@ from server.inline_grid import InlineGrid  # noqa: E402
 SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A small random ResUNet-18 with a shift reference and a quality model (fitted on 4 synthetic
-    images), standing in for a trained source model."""
+def tiny_source(path: Path, shift_reference: float) -> Path:
+    """A seeded random ResUNet-18 saved with a shift reference and a quality model fitted on 4 synthetic images."""
     from grata.quality import fit_quality
     from grata.synthetic import SyntheticDomain
 
     torch.manual_seed(0)
     model = ResUNet(ModelConfig(encoder="resnet18", decoder_width=16)).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "source.pt"
     samples = [SyntheticDomain("clean", n=4, size=SIZE, split="train")[i] for i in range(4)]
     quality = fit_quality(model, torch.stack([s.image for s in samples]), torch.stack([s.mask for s in samples]),
                           limit=4, copies=1)
-    save_checkpoint(path, model, shift_reference=1e9, quality=quality)  # bn=auto never switches (1x1 maps at 32 px)
+    save_checkpoint(path, model, shift_reference=shift_reference, quality=quality)
+    return path
+
+
+def partner_node(tmp_path: Path, folder: Path, checkpoint: Path) -> dict:
+    """The node config of a deployed, unlabelled partner site with its own privacy limits (client/limits.py)."""
+    from client.site import load_source
+
+    return {"data-root": str(folder), "data-kind": "folder", "site": "partner", "state-dir": str(tmp_path / "state"),
+            "max-epsilon": 8.0, "max-delta": 1e-5, "min-noise-multiplier": 0.0, "min-images": 1,
+            "ledger-dir": str(tmp_path / "ledger"), "source-digest": load_source(checkpoint)[2]}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small random ResUNet-18 standing in for a trained source model; bn=auto never switches."""
+    path = tiny_source(tmp_path_factory.mktemp("ckpt") / "source.pt", shift_reference=1e9)  # 1x1 maps at 32 px
     path.with_suffix(".json").write_text("{}")
     return path
 

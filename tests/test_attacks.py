@@ -18,7 +18,6 @@ from client.limits import LimitRefused, SiteLimits
 from client.protocol import MAX_REPLY_BYTES, ReplyRejected, audit
 from client.site import Site, SiteConfig, open_site_data
 from grata.data import Sample
-from grata.models import ModelConfig, ResUNet, save_checkpoint
 from grata.privacy import PrivateMoments
 from server.config import FederationConfig, Variant
 from server.coordinator import Coordinator
@@ -32,17 +31,10 @@ OPTIONS = {"lr": 5e-2, "aux": "ent", "pse": "consis", "bn": "auto", "dynamic_lr"
 
 @pytest.fixture(scope="module")
 def switching_checkpoint(tmp_path_factory):
-    from grata.quality import fit_quality
-    from grata.synthetic import SyntheticDomain
+    from tests.conftest import tiny_source
 
-    torch.manual_seed(0)
-    model = ResUNet(ModelConfig(encoder="resnet18", decoder_width=16)).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "source.pt"
-    samples = [SyntheticDomain("clean", n=4, size=SIZE, split="train")[i] for i in range(4)]
-    quality = fit_quality(model, torch.stack([s.image for s in samples]), torch.stack([s.mask for s in samples]),
-                          limit=4, copies=1)
-    save_checkpoint(path, model, shift_reference=1e-9, quality=quality)  # bn=auto switches to image statistics at once
-    return path
+    # bn=auto switches to image statistics at once
+    return tiny_source(tmp_path_factory.mktemp("ckpt") / "source.pt", shift_reference=1e-9)
 
 
 def site_config(**kw) -> SiteConfig:

@@ -16,7 +16,7 @@ import client.site as site_module
 from client.client_app import app as client_app
 from client.site import Site, SiteConfig, open_site_data
 from server.federation import federate
-from tests.conftest import RecordingGrid, tiny_config
+from tests.conftest import RecordingGrid, partner_node, tiny_config
 
 
 class FaultyApp:
@@ -173,12 +173,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, checkpoint):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
     (folder / "img9.png").write_bytes(b"not a png at all")
     cfg = tiny_config(tmp_path, checkpoint, "data.on_error=skip", "federation.rounds=1", "data.sites=[partner]")
-    from client.site import load_source
-
-    node = {"data-root": str(folder), "data-kind": "folder", "site": "partner", "state-dir": str(tmp_path / "state"),
-            # a deployed site sets its own privacy limits (client/limits.py)
-            "max-epsilon": 8.0, "max-delta": 1e-5, "min-noise-multiplier": 0.0, "min-images": 1,
-            "ledger-dir": str(tmp_path / "ledger"), "source-digest": load_source(checkpoint)[2]}
+    node = partner_node(tmp_path, folder, checkpoint)
     grid = RecordingGrid(client_app, [node])
     result = federate(grid, cfg, tmp_path)
     metrics = dict(grid.replies[0].content["metrics"])

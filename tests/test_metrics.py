@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 
 from grata.metrics import average_surface_distance, dice, score

@@ -7,7 +7,7 @@ from PIL import Image
 from client.client_app import app as client_app
 from grata.data import ImageFolder, first_readable
 from server.federation import federate
-from tests.conftest import RecordingGrid, tiny_config
+from tests.conftest import RecordingGrid, partner_node, tiny_config
 
 
 def _folder(tmp_path):
@@ -34,12 +34,7 @@ def test_first_readable_follows_the_skip_rule(tmp_path):
 def test_a_corrupt_first_image_is_skipped_and_counted(tmp_path, checkpoint):
     folder = _folder(tmp_path)
     cfg = tiny_config(tmp_path, checkpoint, "data.on_error=skip", "federation.rounds=1", "data.sites=[partner]")
-    from client.site import load_source
-
-    node = {"data-root": str(folder), "data-kind": "folder", "site": "partner", "state-dir": str(tmp_path / "state"),
-            # a deployed site sets its own privacy limits (client/limits.py)
-            "max-epsilon": 8.0, "max-delta": 1e-5, "min-noise-multiplier": 0.0, "min-images": 1,
-            "ledger-dir": str(tmp_path / "ledger"), "source-digest": load_source(checkpoint)[2]}
+    node = partner_node(tmp_path, folder, checkpoint)
     grid = RecordingGrid(client_app, [node])
     result = federate(grid, cfg, tmp_path)
     metrics = dict(grid.replies[0].content["metrics"])
