@@ -507,7 +507,8 @@ def test_a_flagged_site_is_reset_and_left_out_of_the_average(tmp_path, checkpoin
         reply.content["metrics"] = MetricRecord(metrics)
         return Message(reply.content, reply_to=msg)
 
-    cfg = tiny_config(tmp_path, checkpoint, "federation=fed_affine", "federation.rounds=3", "data.synthetic_test=6")
+    cfg = tiny_config(tmp_path, checkpoint, "federation=fed_affine", "federation.rounds=3", "data.synthetic_test=6",
+                      "federation.reset_on_drop=true")
     grid = grid_for(FaultyApp(drop))
     sent = []
     push = grid.push_messages

@@ -130,7 +130,7 @@ def test_pooling_keeps_signal_and_drops_noise():
 
 
 def test_a_falling_proxy_is_flagged_and_ordered_back_to_source():
-    coord = Coordinator(FederationConfig(variant=Variant.local_only, proxy_margin=5.0), REFS)
+    coord = Coordinator(FederationConfig(variant=Variant.local_only, proxy_margin=5.0, reset_on_drop=True), REFS)
     assert not coord.observe("s", 1, {"dice_proxy": 80.0})
     assert not coord.observe("s", 2, {"dice_proxy": 83.0})
     assert not coord.observe("s", 3, {"dice_proxy": 78.5})  # within the margin of the best (83)
