@@ -66,7 +66,7 @@ def _signal_kept(result: dict) -> list[float]:
     ml = result["mlflow"]
     if not ml.get("parent_run_id"):
         return []
-    history = MlflowClient(ml["uri"]).get_metric_history(ml["parent_run_id"], "dp_signal_kept")
+    history = MlflowClient(ml["uri"]).get_metric_history(ml["parent_run_id"], "round/dp_signal_kept")  # the per-round series (tracking.py)
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
