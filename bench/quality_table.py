@@ -58,11 +58,12 @@ def selection(rows: list[dict], model: QualityModel, method: str, margins=(-5.0,
         lead = model.predict(s) - model.predict(r)
         for m in margins:
             cell = out[r["target"]].setdefault(m, {"dice": [], "fallback": [], "source": [], "method": []})
-            pick = s if lead > m else r
-            cell["dice"].append(pick["dice_mean"])
+            # the method's own answer before any fallback it already applied (rows of bench.quality_study)
+            alone = r.get("dice_mean_adapted", r["dice_mean"])
+            cell["dice"].append(s["dice_mean"] if lead > m else alone)
             cell["fallback"].append(float(lead > m))
             cell["source"].append(s["dice_mean"])
-            cell["method"].append(r["dice_mean"])
+            cell["method"].append(alone)
     return {t: {m: {k: float(np.mean(v)) for k, v in c.items()} for m, c in ms.items()} for t, ms in out.items()}
 
 

@@ -24,6 +24,8 @@ from scipy import ndimage
 from scipy.optimize import nnls
 from scipy.spatial import ConvexHull, QhullError
 
+from grata.metrics import dice
+
 STRUCTURES = ("disc", "cup")
 
 
@@ -71,14 +73,13 @@ def source_references(predict, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 # --- features of one prediction -------------------------------------------------------------------------
-def _components(mask: np.ndarray) -> tuple[int, float, np.ndarray]:
-    """(number of components, share of the largest, the largest as a mask) of a bool mask [H, W]."""
+def _components(mask: np.ndarray) -> tuple[int, float]:
+    """(number of components, share of the largest) of a bool mask [H, W]."""
     labels, n = ndimage.label(mask)
     if n == 0:
-        return 0, 0.0, mask
+        return 0, 0.0
     sizes = np.bincount(labels.ravel())[1:]
-    big = int(sizes.argmax()) + 1
-    return n, float(sizes.max() / sizes.sum()), labels == big
+    return n, float(sizes.max() / sizes.sum())
 
 
 def ellipse_iou(mask: np.ndarray) -> float:
@@ -145,7 +146,7 @@ def features(probs: torch.Tensor, refs: list[torch.Tensor] | None = None) -> dic
     disc, cup = (probs[0] > 0.5).numpy(), (probs[1] > 0.5).numpy()
     f: dict[str, float] = {}
     for name, mask, prob in (("disc", disc, probs[0]), ("cup", cup, probs[1])):
-        n, largest, _ = _components(mask)
+        n, largest = _components(mask)
         f[f"{name}_area"] = float(mask.mean())
         f[f"{name}_components"] = float(n)
         f[f"{name}_largest"] = largest
@@ -288,10 +289,7 @@ def calibration_rows(predict, images: torch.Tensor, masks: torch.Tensor, copies:
             xs, ys = (x, y) if c == 0 else simulate_shift(x, y, g)
             probs = torch.sigmoid(predict(xs).float())
             refs = [r[0] for r in source_references(predict, xs)]
-            hard = probs[0] > 0.5
-            inter = (hard & ys[0].bool()).sum((1, 2)).double()
-            dice = (100 * (2 * inter + 1e-6) / (hard.sum((1, 2)) + ys[0].bool().sum((1, 2)) + 1e-6)).mean()
-            rows.append({**features(probs[0], refs), "dice": float(dice)})
+            rows.append({**features(probs[0], refs), "dice": float(dice(probs > 0.5, ys).mean())})
     return rows
 
 
