@@ -265,7 +265,7 @@ class Adapter:
         if self.geometry is None:
             logits = self.step(images)
         else:  # the step sees the disc's crop; logits and teacher come back in the original frame
-            logits = self.geometry.apply(self.step, images, self.state_dict, self.load_state_dict)
+            logits = self.geometry.apply(self.step, images, self.state_dict, self.load_state_dict, probe=self._probe)
             self.last_teacher = self.geometry.to_frame(self.last_teacher)
             self.last_step.update(self.geometry.last)
         self.last_step.update(self._update_auto())
@@ -277,6 +277,12 @@ class Adapter:
                 self.last_step["guard_reset"] = float(self._check_drift(signal))
         self.images_seen += images.shape[0]
         return logits.detach().cpu()
+
+    @torch.no_grad()
+    def _probe(self, x: torch.Tensor) -> torch.Tensor:
+        """One pass with the current parameters that adapts nothing and updates no statistics: where
+        the geometry step looks for the model's own disc."""
+        return self.forward(x)
 
     # --- knowing without labels: estimate, fall back, guard ----------------------------------------------
     def _judge(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
