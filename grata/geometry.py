@@ -336,8 +336,8 @@ class GeometryStep:
     reference: dict
     keep_whole: float = 0.9
     min_side: float = 0.12
-    route: float = 0.7
-    min_contrast: float = 2.0
+    route: float = 0.8
+    min_contrast: float = 5.0
     refine: int = 2
     gain: float = 1.5
     retry: bool = True
