@@ -330,8 +330,9 @@ class GeometryStep:
     pulls its disc toward the crop's centre (it was trained on disc-centred crops), so a re-centring
     moves `gain` times the offset it sees. keep_whole: a crop at least this share of the frame is
     the whole image; min_side: never crop tighter than this share of the frame.
-    Without a probe (`apply(..., probe=None)`) only the detector's path runs, checked once by the
-    adapter's own prediction (`retry`).
+    Without a probe (`apply(..., probe=None)`) or with use_model=False, only the detector's crop is
+    used (no model pass before the step: below one forward's cost), checked once by the adapter's own
+    prediction (`retry`).
     """
     reference: dict
     keep_whole: float = 0.9
@@ -341,6 +342,7 @@ class GeometryStep:
     refine: int = 2
     gain: float = 1.5
     retry: bool = True
+    use_model: bool = True
 
     def __post_init__(self) -> None:
         missing = {"disc_share", "detector_gain"} - set(self.reference)
@@ -439,6 +441,8 @@ class GeometryStep:
             self.boxes = boxes
             return torch.cat(outs)
         _, _, h, w = images.shape
+        if not self.use_model:
+            probe = None
         if probe is not None:
             box, est, extra = self.plan(images, probe)
         else:
