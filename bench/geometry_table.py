@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("files", nargs="*", type=Path)
     parser.add_argument("--pairs", nargs="+", default=["source:source_geometry", "fedgrata:fedgrata_geometry"])
     args = parser.parse_args(argv)
-    files = args.files or sorted(Path("bench/results").glob("geometry_dice_*.json"))
+    files = args.files or [p for p in sorted(Path("bench/results").glob("geometry_dice_*.json")) if "sample" not in p.name]
     rows = load(files)
     out = []
     for pair in args.pairs:

@@ -113,7 +113,8 @@ class DiscEstimate:
 
     cy, cx: centre (0..1 from the top-left); radius: detector radius (calibrated) / side;
     share: the disc's estimated area / frame area; contrast: the blob's response in units of the
-    field of view's brightness spread (how disc-like the winner is); found: plausible disc or not.
+    field of view's brightness spread (how disc-like the winner is); found: plausible disc or not;
+    field: the share of the frame inside the camera's field of view.
     """
     cy: float
     cx: float
@@ -121,6 +122,7 @@ class DiscEstimate:
     share: float
     contrast: float
     found: bool
+    field: float = 1.0  # share of the frame inside the camera's field of view (< ~0.8: a circular aperture shows)
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -229,10 +231,11 @@ def estimate_disc(image: torch.Tensor, reference: dict) -> DiscEstimate:
     if image.ndim == 4:
         image = image[0]
     cy, cx, r, contrast = detect_blob(image)
+    field = field_of_view(F.interpolate(image[None].float(), size=(WORK, WORK), mode="area")[0]).float().mean().item()
     radius = r * reference.get("detector_gain", 1.0)
     share = math.pi * radius ** 2
     found = contrast >= reference.get("min_contrast", 1.0) and radius > 0
-    return DiscEstimate(cy, cx, radius, share, contrast, found)
+    return DiscEstimate(cy, cx, radius, share, contrast, found, field)
 
 
 def crop_protocol(estimates: list[DiscEstimate], reference: dict) -> dict[str, float]:
@@ -323,9 +326,10 @@ class GeometryStep:
     the whole image (`probe`: a forward with the adapter's current parameters, nothing adapted):
     - near the source's scale (the classical detector's disc is not much smaller than the model's):
       the crop is placed and sized on the model's own disc (the model is reliable near its scale);
-    - a wider field (the detector sees a disc below `route` times the model's, with contrast of at
-      least `min_contrast` robust spreads): the model draws a disc at its training scale wherever it
-      looks, so the crop starts from the classical detector's disc.
+    - a wider field (the detector sees a disc below `route` times the model's, and the disc is a small
+      part of the field: contrast of at least `min_contrast` robust spreads, or a visible circular
+      aperture, the field of view covering less than `aperture` of the frame): the model draws a
+      disc at its training scale wherever it looks, so the crop starts from the classical detector's disc.
     Either path then re-centres and re-sizes on the model's disc in the crop `refine` times. The model
     pulls its disc toward the crop's centre (it was trained on disc-centred crops), so a re-centring
     moves `gain` times the offset it sees. keep_whole: a crop at least this share of the frame is
@@ -339,6 +343,7 @@ class GeometryStep:
     min_side: float = 0.12
     route: float = 0.8
     min_contrast: float = 5.0
+    aperture: float = 0.9
     refine: int = 2
     gain: float = 1.5
     retry: bool = True
@@ -352,9 +357,10 @@ class GeometryStep:
             raise ValueError(f"geometry reference disc_share={self.reference['disc_share']} must lie in (0, 1)")
         if not 0 < self.keep_whole <= 1.5 or not 0 < self.min_side < 1:
             raise ValueError(f"geometry keep_whole={self.keep_whole} / min_side={self.min_side} out of range")
-        if not 0 < self.route <= 1 or self.refine < 0 or not 1 <= self.gain <= 3 or self.min_contrast < 0:
+        if (not 0 < self.route <= 1 or self.refine < 0 or not 1 <= self.gain <= 3 or self.min_contrast < 0
+                or not 0 < self.aperture <= 1):
             raise ValueError(f"geometry route={self.route} (0, 1], refine={self.refine} >= 0, gain={self.gain} "
-                             f"[1, 3], min_contrast={self.min_contrast} >= 0")
+                             f"[1, 3], min_contrast={self.min_contrast} >= 0, aperture={self.aperture} (0, 1]")
         self.last: dict[str, float] = {}
         self.boxes: list[tuple[Box, int]] = []  # the last call's (box, frame side) per image
 
@@ -406,7 +412,10 @@ class GeometryStep:
         ref = self.reference["disc_share"]
         model_side = math.sqrt(seen.share / ref) if seen is not None else 0.0
         det_side = math.sqrt(est.share / ref)
-        wide = est.found and est.contrast >= self.min_contrast and det_side < self.route * model_side
+        # the disc must be a small part of the field: it stands out by many robust spreads, or the camera's
+        # circular aperture shows (a full field). A tight crop fills the frame and its disc stands out less.
+        small_in_field = est.contrast >= self.min_contrast or est.field < self.aperture
+        wide = est.found and small_in_field and det_side < self.route * model_side
         if wide:
             box = self.choose_box(est, h)
         elif seen is not None:
@@ -424,7 +433,8 @@ class GeometryStep:
             if nxt == box:
                 break
             box = nxt
-        return box, est, {"geo_wide": float(wide), "geo_model_side": model_side, "geo_refined": float(refined)}
+        return box, est, {"geo_wide": float(wide), "geo_model_side": model_side, "geo_refined": float(refined),
+                          "geo_field": est.field}
 
     def apply(self, step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
               snapshot: Callable[[], object] | None = None, restore: Callable[[object], None] | None = None,

@@ -302,3 +302,17 @@ def test_geometry_options_are_validated():
     for bad in ({"route": 0}, {"refine": -1}, {"gain": 5}, {"min_contrast": -1}):
         with pytest.raises(ValueError, match="route="):
             GeometryStep(REF, **bad)
+
+
+def test_a_visible_aperture_or_a_high_contrast_lets_the_detector_set_the_scale():
+    """The wider-field path needs evidence that the disc is a small part of the field. With the contrast
+    bar out of reach, a full-field image (circular aperture visible) still takes it; the same retina
+    filling the frame (a tight crop, no aperture) stays on the model's path."""
+    image, _ = _disc_image(0.4, 0.55, 0.07)
+    framed = image.clone()
+    framed[:, image.amax(0) == 0] = torch.tensor([0.6, 0.3, 0.15]).view(3, 1)  # fill the black surround with retina
+    step = GeometryStep(REF, min_contrast=1e9)
+    assert estimate_disc(image, REF).field < 0.8 and estimate_disc(framed, REF).field > 0.99
+    assert step.plan(image[None], _scale_blind_model)[2]["geo_wide"] == 1
+    assert step.plan(framed[None], _scale_blind_model)[2]["geo_wide"] == 0
+    assert GeometryStep(REF).plan(framed[None], _scale_blind_model)[2]["geo_wide"] == 1  # a clear blob suffices
