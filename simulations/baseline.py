@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from client.site import load_source
+
+from grata.federation.siteconfig import load_source
 from grata.adapters import build_adapter
 from grata.config import open_domain
 from grata.data import StreamReport, stream
