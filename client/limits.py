@@ -76,9 +76,10 @@ class SiteLimits:
 
     def check(self, asked: Any) -> None:
         """Refuse a round whose privacy parameters exceed these limits (clear error, nothing computed)."""
-        if self.private_only and asked.variant != "fed_stats":
+        private = asked.private  # the variant's own declaration (grata/federation/strategies/)
+        if self.private_only and not private:
             raise LimitRefused(f"variant {asked.variant} shares un-noised values; this site's node config sets private-only")
-        if asked.variant != "fed_stats":
+        if not private:
             return
         if asked.epsilon > self.max_epsilon * (1 + 1e-9):
             raise LimitRefused(f"coordinator asks epsilon {asked.epsilon:g}; node config max-epsilon is {self.max_epsilon:g}")
