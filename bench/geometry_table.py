@@ -57,7 +57,7 @@ def _f(r: dict | None) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", type=Path)
-    parser.add_argument("--pairs", nargs="+", default=["source:source_geometry", "fedgrata:fedgrata_geometry"])
+    parser.add_argument("--pairs", nargs="+", default=["source:source_geometry", "fedgrata_nogeometry:fedgrata"])
     args = parser.parse_args(argv)
     files = args.files or [p for p in sorted(Path("bench/results").glob("geometry_dice_*.json")) if "sample" not in p.name]
     rows = load(files)

@@ -22,7 +22,7 @@ import torch
 from bench.common import peak_rss_mib, publish, rss_mib, spread, table, timed
 
 METHODS = ("source", "source_views", "bn", "tent", "sar", "grata_paper", "fedgrata", "fedgrata_fallback",
-           "source_geometry", "bn_geometry", "fedgrata_geometry")
+           "source_geometry", "bn_geometry", "fedgrata_nogeometry")
 CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
 
 

@@ -145,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
             raise RuntimeError(f"site {name}: the model sent has digest {digest[:12]}, not the announced one")
         limits.check_digest(digest)
         save_checkpoint(state_dir / "source_model.pt", model, shift_reference=float(config["shift_reference"]),
-                        quality=json.loads(str(config["quality"])))
+                        quality=json.loads(str(config["quality"])), geometry=json.loads(str(config.get("geometry", "{}"))))
     model_path = find_model(state_dir, context, config)
     if model_path is None:
         raise RuntimeError(f"site {name}: no source model matching digest {config['model_digest'][:12]}")

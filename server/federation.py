@@ -123,7 +123,7 @@ def round_content(rnd: int, common: dict[str, Any], coord: Coordinator, name: st
     if source is not None:
         model, meta = source
         rec.update(model_config=json.dumps(asdict(model.config)), shift_reference=float(meta["shift_reference"]),
-                   quality=json.dumps(meta["quality"]))
+                   quality=json.dumps(meta["quality"]), geometry=json.dumps(meta.get("geometry") or {}))
         content["model"] = ArrayRecord(model.state_dict())
     for record, items in arrays.items():
         content[record] = ArrayRecord({k: v.detach().float().contiguous() for k, v in items.items()})

@@ -47,3 +47,21 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     other.train.lr = 0.5
     with pytest.raises(ValueError, match="another configuration"):
         ts.train(other)
+
+
+def test_a_checkpoint_from_before_the_geometry_step_gets_its_disc_scale_not_new_weights(tmp_path):
+    """ensure_source completes an old checkpoint with the source's disc geometry measured on its training
+    masks, in the file itself, without retraining: the weights (and so a site's pinned digest) stay."""
+    from grata.federation.siteconfig import weights_digest
+    from tests.conftest import SIZE, tiny_source
+
+    path = tiny_source(tmp_path / "old.pt", shift_reference=1.0)
+    path.with_suffix(".json").write_text("{}")
+    before, meta = load_checkpoint(path)
+    assert "geometry" not in meta
+    data = DataConfig(kind="synthetic", size=SIZE, synthetic_train=6)
+    cfg = ts.TrainSourceConfig(data=data, model=ModelConfig(encoder="resnet18", decoder_width=16), checkpoint=str(path))
+    assert ts.ensure_source(cfg, None) == path
+    after, meta = load_checkpoint(path)
+    assert 0.02 < meta["geometry"]["disc_share"] < 0.6 and meta["geometry"]["images"] == 6
+    assert weights_digest(after) == weights_digest(before) and "quality" in meta
