@@ -30,6 +30,7 @@ from client.protocol import audit, layer_tensors, reply_content
 from client.site import Site, SiteConfig, load_source, open_site_data, weights_digest
 from grata.config import DataConfig, open_domain
 from grata.data import first_readable
+from grata.kin import KinRow
 from grata.models import ModelConfig, ResUNet, save_checkpoint
 
 app = ClientApp()
@@ -152,6 +153,11 @@ def train(msg: Message, context: Context) -> Message:
         weights = config.get("pooled_weights")  # per layer: the share the privacy noise left as signal
         site.set_pooled(layer_tensors(msg.content["pooled"], ("m1", "m2")),
                         [float(w) for w in weights] if weights is not None else float(config["pooled_weight"]))
+    if "kin_mean" in config:  # fed_kin: other sites' released shift evidence, rows of equal length
+        means, counts, stds = (list(config[k]) for k in ("kin_mean", "kin_count", "kin_std"))
+        if not len(means) == len(counts) == len(stds):
+            raise ValueError("fed_kin rows: kin_mean, kin_count and kin_std differ in length")
+        site.set_kin([KinRow(float(m), int(n), float(s)) for m, n, s in zip(means, counts, stds)])
     if "affine" in msg.content:
         site.set_affine(layer_tensors(msg.content["affine"], ("weight", "bias")))
     out = site.run_round(int(config["round"]))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+PRIVATE_VARIANTS = ("fed_stats", "fed_kin")  # every data-dependent value they send is noised under the ledger
 REQUIRED = ("max-epsilon", "max-delta", "min-noise-multiplier", "min-images", "ledger-dir", "source-digest")
 
 
@@ -76,9 +77,9 @@ class SiteLimits:
 
     def check(self, asked: Any) -> None:
         """Refuse a round whose privacy parameters exceed these limits (clear error, nothing computed)."""
-        if self.private_only and asked.variant != "fed_stats":
+        if self.private_only and asked.variant not in PRIVATE_VARIANTS:
             raise LimitRefused(f"variant {asked.variant} shares un-noised values; this site's node config sets private-only")
-        if asked.variant != "fed_stats":
+        if asked.variant not in PRIVATE_VARIANTS:
             return
         if asked.epsilon > self.max_epsilon * (1 + 1e-9):
             raise LimitRefused(f"coordinator asks epsilon {asked.epsilon:g}; node config max-epsilon is {self.max_epsilon:g}")
@@ -94,4 +95,4 @@ class SiteLimits:
                                f"({self.source_digest[:12]}...)")
 
 
-__all__ = ["LimitRefused", "REQUIRED", "SiteLimits"]
+__all__ = ["LimitRefused", "PRIVATE_VARIANTS", "REQUIRED", "SiteLimits"]

@@ -4,7 +4,8 @@ A site's reply to a round is a Flower RecordDict with at most these records:
   "site"     ConfigRecord  name (the configured site label) and status (from a closed set)
   "metrics"  MetricRecord  local_only/fed_affine: the proxy, the alignment summary, counts and timing;
                            fed_stats: counts and the noised proxy only; Dice only where labelled and allowed
-  "privacy"  MetricRecord  fed_stats only: ledger epsilon, delta, noise stds, whether released
+  "privacy"  MetricRecord  fed_stats and fed_kin: ledger epsilon, delta, noise stds, whether released
+  fed_kin's "metrics" add stem_shift, the noised mean log stem shift of the round (grata/kin.py)
   "stats"    ArrayRecord   fed_stats only: "<layer>.sum", the noisy source-relative moment sums [2C]
   "affine"   ArrayRecord   fed_affine only: "<layer>.weight" and "<layer>.bias" [C]
 Every array is one-dimensional and per channel; nothing image-sized exists in the list, and a reply
@@ -37,6 +38,7 @@ PLAIN_METRICS = COUNT_KEYS - {"stats_images"} | DICE_KEYS | {
     "seconds", "guard_resets", "dice_proxy", "fallback_share",
     "align_cos_mean", "align_cos_std", "align_cos_hist", "align_neg_share", "lr_mean", "entropy", "consistency"}
 PRIVATE_METRICS = COUNT_KEYS | DICE_KEYS | {"dice_proxy"}  # the proxy arrives noised (grata/privacy.py)
+KIN_METRICS = PRIVATE_METRICS | {"stem_shift"}  # fed_kin: + the noised mean log stem shift (grata/kin.py)
 LISTS = {"align_cos_hist": COSINE_BINS}  # the only list-valued metric, and its exact length
 PRIVACY_KEYS = {"dp_epsilon", "dp_delta", "dp_noise_std", "dp_proxy_std", "dp_released"}
 SITE_KEYS = {"name", "status"}
@@ -49,8 +51,9 @@ ALLOWED: dict[str, dict[str, set[str] | re.Pattern]] = {
     "local_only": {"site": SITE_KEYS, "metrics": PLAIN_METRICS},
     "fed_stats": {"site": SITE_KEYS, "metrics": PRIVATE_METRICS, "privacy": PRIVACY_KEYS, "stats": ARRAY_KEYS["stats"]},
     "fed_affine": {"site": SITE_KEYS, "metrics": PLAIN_METRICS, "affine": ARRAY_KEYS["affine"]},
+    "fed_kin": {"site": SITE_KEYS, "metrics": KIN_METRICS, "privacy": PRIVACY_KEYS},
 }
-REQUIRED = {"fed_stats": {"privacy": PRIVACY_KEYS}}
+REQUIRED = {"fed_stats": {"privacy": PRIVACY_KEYS}, "fed_kin": {"privacy": PRIVACY_KEYS}}
 
 
 class ReplyRejected(ValueError):

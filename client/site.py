@@ -33,13 +33,14 @@ from grata.data import StreamReport, stream
 from grata.metrics import score
 from grata.models import ResUNet, load_checkpoint
 from grata.overlay import save_overlay
-from client.limits import LimitRefused, SiteLimits
+from client.limits import PRIVATE_VARIANTS, LimitRefused, SiteLimits
+from grata.kin import KinRow, confirms, log_shift
 from grata.ledger import Ledger, data_key
-from grata.privacy import SCALAR_FIELDS, PrivateMoments, PrivateScalars, SourcePass, clip_relative, from_relative, source_moments, \
+from grata.privacy import KIN_FIELDS, SCALAR_FIELDS, PrivateMoments, PrivateScalars, SourcePass, clip_relative, from_relative, source_moments, \
     split, to_relative
 from grata.proxy import alignment_summary
 
-VARIANTS = ("local_only", "fed_stats", "fed_affine")
+VARIANTS = ("local_only", "fed_stats", "fed_affine", "fed_kin")
 
 
 @dataclass
@@ -72,8 +73,8 @@ class SiteConfig:
 
     @property
     def private(self) -> bool:
-        """The variant whose every data-dependent value leaves noised."""
-        return self.variant == "fed_stats"
+        """The variants whose every data-dependent value leaves noised."""
+        return self.variant in PRIVATE_VARIANTS
 
 
 def weights_digest(model: ResUNet) -> str:
@@ -145,6 +146,7 @@ class Site:
         self.refs = source_moments(self.adapter.norms)  # the source's running statistics: public
         self.min_images = max(cfg.min_images, self.limits.min_images)
         self.ledger = self.source = None
+        self.kin: list[KinRow] = []  # fed_kin: the other sites' released shift evidence (set_kin)
         if cfg.private:
             ident = identity or {"site": name, **{k: cfg.data.get(k) for k in ("kind", "root", "size", "seed")}}
             self.ledger = Ledger(self.limits.ledger_dir, data_key(ident), cfg.accountant)
@@ -211,6 +213,10 @@ class Site:
                 layer.weight.copy_(torch.clamp(w, w0 - shift, w0 + shift))
                 layer.bias.copy_(torch.clamp(b, b0 - shift, b0 + shift))
 
+    def set_kin(self, rows: list[KinRow]) -> None:
+        """fed_kin: the coordinator's rows of other sites' noisy shift evidence; invalid rows are dropped."""
+        self.kin = [r for r in rows if r.valid()][:10_000]
+
     def _norm_names(self) -> list[tuple[str, torch.nn.Module]]:
         by_id = {id(m): n for n, m in self.adapter.model.named_modules()}
         return [(by_id[id(layer)], layer) for layer in self.adapter.norms]
@@ -225,11 +231,19 @@ class Site:
         torch.set_num_threads(max(1, self.cfg.threads))
         indices = chunk(len(self.dataset), self.cfg.rounds, rnd, self.min_images)
         report, steps, proxies, scores = StreamReport(), [], [], []
-        stats = PrivateMoments(self.refs, self.cfg.clip, 1.0) if self.cfg.private else None
+        kin = self.cfg.variant == "fed_kin"
+        stats = PrivateMoments(self.refs, self.cfg.clip, 1.0) if self.cfg.variant == "fed_stats" else None
+        shifts: list[float] = []  # fed_kin: each image's log stem shift, released only as a noised mean
         t0 = time.perf_counter()
         resets_before = getattr(self.adapter, "guard_resets", 0)
         for sample in stream(self.dataset, self.cfg.data.get("on_error", "raise"), report, indices=indices):
             x = sample.image[None]
+            if kin:  # the source pass's stem moments: this image alone, before it is adapted on
+                stem = self.source.moments(x)[0]
+                shift = log_shift(self.adapter.stem_ratio(*stem)) if self.adapter.shift_reference else 0.0
+                shifts.append(shift)
+                if self.kin and confirms(shift, self.kin, self.adapter.shift_threshold, self.adapter.auto_warmup):
+                    self.adapter.adopt_image_statistics()
             logits = self.adapter.adapt_and_predict(x)
             probs = torch.sigmoid(logits)
             step = dict(self.adapter.last_step)  # holds the label-free quality estimate of what was predicted
@@ -248,7 +262,9 @@ class Site:
             for key in ("dice_disc", "dice_cup", "dice_mean"):
                 metrics[key] = float(np.mean([s[key] for s in scores]))
         out: dict[str, Any] = {"metrics": metrics, "skipped": report.skipped}
-        if self.cfg.private:
+        if kin:
+            self._release_kin(rnd, shifts, proxies, out)
+        elif self.cfg.private:
             self._release(rnd, stats, proxies, out)
         else:  # the plain variants share exact values (docs/privacy.md: not covered by any epsilon)
             metrics.update(seconds=seconds, guard_resets=getattr(self.adapter, "guard_resets", 0) - resets_before)
@@ -261,6 +277,31 @@ class Site:
         self.state.last_round, self.state.last_reply = rnd, out
         self.save()
         return out
+
+    def _release_kin(self, rnd: int, shifts: list[float], proxies: list[dict[str, float]], out: dict[str, Any]) -> None:
+        """fed_kin's release: the noised mean stem shift and the noised proxy mean, accounted in the ledger first."""
+        shares = {"stem_shift": 1 - self.cfg.metrics_share, "dice_proxy": self.cfg.metrics_share}
+        sigmas = split(self.cfg.noise_multiplier, shares)
+        released, stds = False, {"stem_shift": 0.0, "dice_proxy": 0.0}
+        if len(shifts) < self.min_images:
+            out["status"] = "below_min_images" if shifts else "ok"
+        elif self.ledger.would_spend(list(sigmas.values()), self.cfg.delta) > self.limits.max_epsilon * (1 + 1e-9):
+            out["status"] = "budget_exhausted"
+            print(f"site {self.name}: privacy budget max-epsilon {self.limits.max_epsilon:g} would be exceeded; "
+                  f"nothing released from round {rnd} on", flush=True)
+        else:
+            self.ledger.record(list(sigmas.values()))  # accounted before anything is computed to leave
+            scalars = PrivateScalars(sigmas, bounds={**SCALAR_FIELDS, **KIN_FIELDS})
+            for s, p in zip(shifts, proxies):
+                scalars.add("stem_shift", s)
+                scalars.add("dice_proxy", p["dice_proxy"])
+            for f, (mean, std) in scalars.release().items():
+                out["metrics"][f] = mean
+                stds[f] = std
+            out["metrics"]["stats_images"] = len(shifts)
+            released = True
+        out["privacy"] = {"dp_epsilon": self.ledger.spent(self.cfg.delta), "dp_delta": self.cfg.delta,
+                          "dp_noise_std": stds["stem_shift"], "dp_proxy_std": stds["dice_proxy"], "dp_released": float(released)}
 
     def _release(self, rnd: int, stats: PrivateMoments, proxies: list[dict[str, float]], out: dict[str, Any]) -> None:
         """The private variant's release: noised statistics and proxy mean, accounted in the ledger first."""

@@ -27,6 +27,7 @@ class Variant(Enum):
     local_only = "local_only"  # sites share proxies and summaries only
     fed_stats = "fed_stats"  # + differentially private BN statistics, pooled and broadcast
     fed_affine = "fed_affine"  # + adapted BN affine parameters, averaged and broadcast
+    fed_kin = "fed_kin"  # + a private stem-shift summary; sites like a newcomer confirm its shift (grata/kin.py)
 
 
 class AffineWeighting(Enum):

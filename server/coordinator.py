@@ -7,12 +7,14 @@ adaptation the site itself judged worse than the source model on most images (`f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from client.protocol import MAX_IMAGES
 from grata.adapters.grata import cus
+from grata.kin import LOG_SHIFT_MAX, KinRow, accumulate, release_std
 from grata.privacy import pool, robust_mean
 from server.config import AffineWeighting, FederationConfig, Variant
 
@@ -37,6 +39,8 @@ class Coordinator:
     pooled: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     pooled_kept: list[float] = field(default_factory=list)
     affine: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    kin_sigma: float = 0.0  # fed_kin: the noise multiplier of the released stem shift (known to both sides)
+    kin: dict[str, list[tuple[float, int, float]]] = field(default_factory=dict)  # site -> (noisy mean, images, std) per release
 
     def site(self, name: str) -> SiteRecord:
         return self.sites.setdefault(name, SiteRecord(name))
@@ -80,6 +84,31 @@ class Coordinator:
         self.check_release(sums, count, noise_std)
         self.releases.append((sums, count, noise_std))
         self.release_sites.append(site)
+
+    def check_kin(self, metrics: dict[str, float]) -> tuple[float, int, float] | None:
+        """fed_kin: a released stem shift must come with the noise the run's sigma gives for its image count,
+        and lie where an honest noisy mean can (the bounds, widened by 8 noise stds). None: nothing released."""
+        if not metrics.get("dp_released"):
+            return None
+        if "stem_shift" not in metrics or "stats_images" not in metrics:
+            raise ValueError("a fed_kin release needs stem_shift and stats_images")
+        n = int(metrics["stats_images"])
+        if not 0 < n <= MAX_IMAGES:
+            raise ValueError(f"a fed_kin release needs 1..{MAX_IMAGES} images (got {n})")
+        want = release_std(self.kin_sigma, n)
+        std, value = float(metrics["dp_noise_std"]), float(metrics["stem_shift"])
+        if not math.isclose(std, want, rel_tol=1e-6):
+            raise ValueError(f"stem_shift noise std {std:g} is not the run's {want:g} for {n} images")
+        if not -8 * want <= value <= LOG_SHIFT_MAX + 8 * want:
+            raise ValueError(f"stem_shift {value:g} lies outside what a noisy mean of [0, {LOG_SHIFT_MAX}] can be")
+        return value, n, std
+
+    def add_kin(self, name: str, release: tuple[float, int, float]) -> None:
+        self.kin.setdefault(name, []).append(release)
+
+    def kin_rows(self, exclude: str) -> list[KinRow]:
+        """Every other site's evidence so far (post-processing of noised releases: no privacy cost)."""
+        return [accumulate(r) for s, r in sorted(self.kin.items()) if s != exclude and r]
 
     def check_affine(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """A site's BN affine parameters must match the source model layer by layer, finite."""

@@ -108,7 +108,7 @@ def introduce(grid: Grid, cfg: FederateConfig, common: dict[str, Any]) -> dict[i
 
 
 def round_content(rnd: int, common: dict[str, Any], coord: Coordinator, cfg: FederateConfig, reset: bool,
-                  source: tuple[torch.nn.Module, dict] | None) -> RecordDict:
+                  source: tuple[torch.nn.Module, dict] | None, site: str = "") -> RecordDict:
     """What one site gets this round: the configuration, a reset order, and per variant the pooled
     statistics or averaged affine parameters; `source` (model, metadata) when it lacks the model."""
     rec = {**common, "round": rnd, "reset": reset, "pooled_weight": cfg.federation.pooled_weight}
@@ -123,6 +123,11 @@ def round_content(rnd: int, common: dict[str, Any], coord: Coordinator, cfg: Fed
         # each layer's share shrinks with the signal that survived the privacy noise: noise-only
         # statistics are not mixed in (they would pull every site towards the source's)
         rec["pooled_weights"] = [cfg.federation.pooled_weight * k for k in coord.pooled_kept]
+    if cfg.federation.variant == Variant.fed_kin:  # the other sites' noisy shift evidence, as rows
+        rows = coord.kin_rows(exclude=site)
+        if rows:
+            rec.update(kin_mean=[r.mean for r in rows], kin_count=[r.count for r in rows],
+                       kin_std=[r.std for r in rows])
     if coord.affine is not None and not reset:
         content["affine"] = layer_record(coord.affine, ("weight", "bias"))
     content["config"] = ConfigRecord(rec)
@@ -145,6 +150,8 @@ def accept(reply: Message | None, variant: Variant, coord: Coordinator):
         release = ([s[0] for s in layer_tensors(reply.content["stats"], ("sum",))],
                    int(metrics["stats_images"]), float(metrics["dp_noise_std"]))
         coord.check_release(*release)
+    if variant == Variant.fed_kin:
+        release = coord.check_kin(metrics)  # (noisy mean, images, std) or None
     layers = layer_tensors(reply.content["affine"], ("weight", "bias")) if "affine" in reply.content else None
     if layers is not None:
         coord.check_affine(layers)
@@ -163,7 +170,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
         raise ValueError(f"{checkpoint} holds {model.config}, the configuration asks for {cfg.model}")
     rounds = cfg.federation.rounds
     sigma = calibrate(cfg.privacy.epsilon, cfg.privacy.delta, rounds, cfg.privacy.accountant) \
-        if variant == Variant.fed_stats else 1.0
+        if variant in (Variant.fed_stats, Variant.fed_kin) else 1.0
     run_dir = Path(run_dir or Path(base) / cfg.out_dir / f"{variant.value}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = run_dir if run_dir.is_absolute() else Path(base) / run_dir
     data = {**asdict(cfg.data), "root": str(resolve_root(cfg.data.root, base).resolve())}  # sites may run elsewhere
@@ -182,6 +189,9 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     names = {nid: str(s["name"]) for nid, s in sites.items()}
     print(f"{variant.value}: {len(sites)} sites: " + ", ".join(
         f"{s['name']} ({s['images_total']} images{', labelled' if s['labelled'] else ''})" for s in sites.values()))
+    if variant == Variant.fed_kin:
+        print(f"  privacy: epsilon {cfg.privacy.epsilon}, delta {cfg.privacy.delta} over {rounds} releases "
+              f"-> noise multiplier {sigma:.3f} per round (stem shift {sigma / (1 - cfg.privacy.metrics_share) ** 0.5:.3f})")
     if variant == Variant.fed_stats:
         print(f"  privacy: epsilon {cfg.privacy.epsilon}, delta {cfg.privacy.delta} over {rounds} releases "
               f"-> noise multiplier {sigma:.3f} per round (BN statistics {sigma / (1 - cfg.privacy.metrics_share) ** 0.5:.3f}, "
@@ -194,7 +204,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     tracker = Tracker(cfg.mlflow, base, variant.value, config, sorted(names.values()), run_dir / "mlflow_offline.jsonl",
                       runs=progress["mlflow"] if progress else None, group=cfg.mlflow.group or run_dir.name,
                       datasets=datasets)
-    coord = progress["coordinator"] if progress else Coordinator(cfg.federation, source_refs(model))
+    coord = progress["coordinator"] if progress else Coordinator(cfg.federation, source_refs(model),
+                                                                 kin_sigma=sigma / (1 - cfg.privacy.metrics_share) ** 0.5)
     first = progress["round"] + 1 if progress else 1
     if progress:
         print(f"  resuming {run_dir.name} after round {progress['round']} of {rounds}"
@@ -209,7 +220,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
             t0 = time.perf_counter()
             resets = {name: coord.take_reset(name) for name in names.values()}
             contents = {nid: round_content(rnd, common, coord, cfg, resets[name],
-                                           (model, meta) if nid in needs_model else None)
+                                           (model, meta) if nid in needs_model else None, site=name)
                         for nid, name in names.items()}
             replies = _ask(grid, contents, "train", rnd, cfg.federation.round_timeout_s)
             per_site, affine, failed = {}, {}, {}
@@ -225,7 +236,9 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                     tracker.tag_site(name, f"fedgrata.failure.round{rnd}", str(exc)[:500])
                     failed[name] = {"reply_failed": 1.0}
                     continue
-                if release is not None:
+                if release is not None and variant == Variant.fed_kin:
+                    coord.add_kin(name, release)
+                elif release is not None:
                     coord.add_release(*release, site=name)
                 needs_model.discard(nid)
                 flagged = coord.observe(name, rnd, {**metrics, "reset": float(resets[name])})  # counted in the summary
