@@ -26,14 +26,16 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.limits import SiteLimits
-from client.protocol import audit, layer_tensors, reply_content
-from client.site import Site, SiteConfig, load_source, open_site_data, weights_digest
+from client.site import Site
 from grata.config import DataConfig, open_domain
 from grata.data import first_readable
-from grata.kin import KinRow
+from grata.federation.protocol import reply_records
+from grata.federation.siteconfig import SiteConfig, load_source, open_site_data, weights_digest
 from grata.models import ModelConfig, ResUNet, save_checkpoint
+from wire import audit, to_plain, to_records
 
 app = ClientApp()
+RESERVED = ("config", "model")  # a train message's own records; every other record is the variant's broadcast
 # A path runs from its first separator to the end of its quotes or of the line: spaces do not end it
 # (a path with a space must not leak its tail). Over-redacting a message's tail is the safe side.
 QUOTED = re.compile(r"""(['"])(?:[A-Za-z]:)?[/\\~][^'"]*\1""")
@@ -89,6 +91,11 @@ def site_identity(context: Context, cfg: SiteConfig) -> tuple[str, object, Path]
         dataset = open_site_data(cfg, name)
     state_dir = Path(str(node["state-dir"])) if "state-dir" in node else Path(cfg.state_root) / name
     return name, dataset, state_dir
+
+
+def reply_content(name: str, out: dict) -> RecordDict:
+    """A Site.run_round result as Flower records."""
+    return to_records(reply_records(name, out))
 
 
 def find_model(state_dir: Path, context: Context, config: ConfigRecord) -> Path | None:
@@ -149,18 +156,9 @@ def train(msg: Message, context: Context) -> Message:
     site = Site(name, dataset, state_dir, cfg, model_path, limits=limits, identity=identity)
     if bool(config.get("reset", False)):
         site.reset_to_source()
-    if "pooled" in msg.content:
-        weights = config.get("pooled_weights")  # per layer: the share the privacy noise left as signal
-        site.set_pooled(layer_tensors(msg.content["pooled"], ("m1", "m2")),
-                        [float(w) for w in weights] if weights is not None else float(config["pooled_weight"]))
-    if "kin_mean" in config:  # fed_kin: other sites' released shift evidence, rows of equal length
-        means, counts, stds = (list(config[k]) for k in ("kin_mean", "kin_count", "kin_std"))
-        if not len(means) == len(counts) == len(stds):
-            raise ValueError("fed_kin rows: kin_mean, kin_count and kin_std differ in length")
-        site.set_kin([KinRow(float(m), int(n), float(s)) for m, n, s in zip(means, counts, stds)])
-    if "affine" in msg.content:
-        site.set_affine(layer_tensors(msg.content["affine"], ("weight", "bias")))
-    out = site.run_round(int(config["round"]))
+    broadcast = to_plain(RecordDict({k: v for k, v in msg.content.items() if k not in RESERVED}))
+    site.strategy.apply(site, broadcast, config)  # through the site's bounded setters only
+    out = site.run_round(int(config["round"]), int(config.get("joined", 1)))
     content = reply_content(name, out)
     audit(content, cfg.variant, [m1.numel() for m1, _ in site.refs])  # fail closed: nothing outside the allowed list leaves the site
     return Message(content, reply_to=msg)

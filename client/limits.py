@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-PRIVATE_VARIANTS = ("fed_stats", "fed_kin")  # every data-dependent value they send is noised under the ledger
 REQUIRED = ("max-epsilon", "max-delta", "min-noise-multiplier", "min-images", "ledger-dir", "source-digest")
 
 
@@ -77,9 +76,10 @@ class SiteLimits:
 
     def check(self, asked: Any) -> None:
         """Refuse a round whose privacy parameters exceed these limits (clear error, nothing computed)."""
-        if self.private_only and asked.variant not in PRIVATE_VARIANTS:
+        private = asked.private  # the variant's own declaration (grata/federation/strategies/)
+        if self.private_only and not private:
             raise LimitRefused(f"variant {asked.variant} shares un-noised values; this site's node config sets private-only")
-        if asked.variant not in PRIVATE_VARIANTS:
+        if not private:
             return
         if asked.epsilon > self.max_epsilon * (1 + 1e-9):
             raise LimitRefused(f"coordinator asks epsilon {asked.epsilon:g}; node config max-epsilon is {self.max_epsilon:g}")
@@ -95,4 +95,4 @@ class SiteLimits:
                                f"({self.source_digest[:12]}...)")
 
 
-__all__ = ["LimitRefused", "PRIVATE_VARIANTS", "REQUIRED", "SiteLimits"]
+__all__ = ["LimitRefused", "REQUIRED", "SiteLimits"]

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 LOG_SHIFT_MAX = 8.0  # log(1 + ratio) bound: a shift ratio up to ~3000 x the source's own
 SPREAD = 1.0  # how far (log units) one kind's images' shifts lie apart: the matching tolerance besides noise
 Z = 2.0  # noise standard deviations a row's evidence must clear
+# the released per-image scalar as grata.privacy.PrivateScalars declares fields: (lo, hi, stream-dependent);
+# from the frozen source model, one image's value depends on that image alone
+KIN_FIELDS: dict[str, tuple[float, float, bool]] = {"stem_shift": (0.0, LOG_SHIFT_MAX, False)}
 
 
 def log_shift(ratio: float) -> float:
@@ -79,4 +82,4 @@ def confirms(own: float, rows: list[KinRow], threshold: float, min_images: int =
     return own > math.log1p(threshold) and pooled - Z * pooled_std > math.log1p(threshold)
 
 
-__all__ = ["KinRow", "LOG_SHIFT_MAX", "accumulate", "confirms", "log_shift", "release_std"]
+__all__ = ["KIN_FIELDS", "KinRow", "LOG_SHIFT_MAX", "accumulate", "confirms", "log_shift", "release_std"]

@@ -44,8 +44,7 @@ ACCOUNTANTS = ("rdp", "prv")
 SCALAR_FIELDS: dict[str, tuple[float, float, bool]] = {
     "dice_proxy": (0.0, 100.0, True),
 }
-# fed_kin's per-image stem shift, log(1 + ratio), from the frozen source model: one image alone (grata/kin.py)
-KIN_FIELDS: dict[str, tuple[float, float, bool]] = {"stem_shift": (0.0, 8.0, False)}
+
 
 
 # --- noise ------------------------------------------------------------------------------------------
@@ -293,6 +292,6 @@ def pool(releases: list[tuple[list[torch.Tensor], int, float]], refs: list[tuple
     return pooled, kept
 
 
-__all__ = ["AGGREGATIONS", "ACCOUNTANTS", "KIN_FIELDS", "SCALAR_FIELDS", "PrivateMoments", "PrivateScalars", "SourcePass",
+__all__ = ["AGGREGATIONS", "ACCOUNTANTS", "SCALAR_FIELDS", "PrivateMoments", "PrivateScalars", "SourcePass",
            "calibrate", "clip_relative", "from_relative", "gaussian", "pool", "robust_mean", "source_moments",
            "split", "to_relative"]

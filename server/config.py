@@ -10,12 +10,14 @@ import shlex
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from grata.config import MethodConfig
+from grata.federation.strategies import STRATEGIES, check_options
 from grata.privacy import ACCOUNTANTS, AGGREGATIONS
 from grata.scenario import ScenarioConfig
 from grata.train_source import TrainSourceConfig
@@ -23,11 +25,9 @@ from grata.train_source import TrainSourceConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-class Variant(Enum):
-    local_only = "local_only"  # sites share proxies and summaries only
-    fed_stats = "fed_stats"  # + differentially private BN statistics, pooled and broadcast
-    fed_affine = "fed_affine"  # + adapted BN affine parameters, averaged and broadcast
-    fed_kin = "fed_kin"  # + a private stem-shift summary; sites like a newcomer confirm its shift (grata/kin.py)
+# One member per registered strategy (grata/federation/strategies/: local_only, fed_stats, fed_affine,
+# ...): a new variant's module is all it takes for Hydra's `federation=<name>` to accept it.
+Variant = Enum("Variant", {name: name for name in STRATEGIES}, module=__name__, qualname="Variant")
 
 
 class AffineWeighting(Enum):
@@ -50,6 +50,8 @@ class FederationConfig:
     min_sites: int = 1  # fewer replies than this ends the run as failed
     aggregation: str = "mean"  # across sites: mean (by capped image counts), median or trimmed_mean (one vote per site)
     trim: float = 0.2  # trimmed_mean: the share of sites dropped at each end of every coordinate
+    join_round: dict[str, int] = field(default_factory=dict)  # site -> the round it joins in (late joiners); others: 1
+    options: dict[str, Any] = field(default_factory=dict)  # variants' own settings (each strategy's `options` declares its keys)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS or not 0 <= self.trim < 0.5:
@@ -63,6 +65,14 @@ class FederationConfig:
             raise ValueError(f"federation.fallback_flag={self.fallback_flag} must lie in (0, 1]")
         if self.proxy_margin <= 0 or self.round_timeout_s < 0 or self.min_sites < 1:
             raise ValueError("federation: proxy_margin > 0, round_timeout_s >= 0 and min_sites >= 1 are required")
+        late = {site: r for site, r in self.join_round.items() if not (isinstance(r, int) and 1 <= r <= self.rounds)}
+        if late:
+            raise ValueError(f"federation.join_round: {late}: a site joins in a round from 1 to federation.rounds={self.rounds}")
+        check_options(self.options)  # a key no variant declares: an error naming it
+
+    def joins(self, site: str) -> int:
+        """The round `site` joins in (1 unless federation.join_round says later)."""
+        return int(self.join_round.get(site, 1))
 
 
 @dataclass
@@ -114,10 +124,19 @@ class FederateConfig(TrainSourceConfig):  # data, model, train, checkpoint: the 
             self.data.site_split = chosen.site_split or self.data.site_split
             self.data.synthetic_test = chosen.images or self.data.synthetic_test
             self.federation.rounds = chosen.rounds or self.federation.rounds
+            self.federation.join_round = {**chosen.join_round, **self.federation.join_round}
+            late = {s: r for s, r in self.federation.join_round.items() if r > self.federation.rounds}
+            if late:
+                raise ValueError(f"scenario={self.scenario.name}: {late} join after the last round {self.federation.rounds}")
         if self.engine not in ("flower", "inline"):
             raise ValueError(f"engine={self.engine!r}: choose flower or inline")
         if len(self.data.sites) < 1:
             raise ValueError("data.sites is empty: configure at least one site")
+        unknown = sorted(set(self.federation.join_round) - set(self.data.sites))
+        if unknown:
+            raise ValueError(f"federation.join_round names {unknown}, not sites of data.sites={list(self.data.sites)}")
+        if all(self.federation.joins(s) > 1 for s in self.data.sites):
+            raise ValueError("federation.join_round: every site joins late; at least one must start in round 1")
         bad = [v for v in self.variants if v not in Variant.__members__]
         if bad:
             raise ValueError(f"variants: unknown {bad}; choose from {list(Variant.__members__)}")

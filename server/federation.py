@@ -1,8 +1,11 @@
 """One federation run over a Flower Grid: the coordinator's loop. server_app.py only wires it up.
 
   query:  every site says who it is, how many images it has, whether it holds labels and the model
-  round r = 1..R: every site adapts over its next chunk; replies are audited against the allowed
-          list, then tracked (proxy, flags), pooled (fed_stats) or averaged (fed_affine) and logged
+  round r = 1..R: a node not yet in the federation is asked who it is, and joins if its round has
+          come (federation.join_round; a node that appears later joins when it appears); every
+          member gets the variant's broadcast (its strategy's `broadcast`, a newcomer's in its first
+          round) and adapts over its next chunk; replies are audited against the variant's allowed
+          list, tracked (proxy, flags), aggregated by the strategy and logged
   end:    per-site table, CSVs, plot, overlays; the MLflow runs are closed
 """
 from __future__ import annotations
@@ -17,14 +20,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from client.protocol import ReplyRejected, audit, layer_record, layer_tensors
-from client.site import SiteConfig, load_source
 from grata.config import resolve_root
+from grata.federation.protocol import INTRO, ReplyRejected
+from grata.federation.protocol import audit as audit_plain
+from grata.federation.siteconfig import SiteConfig, load_source
+from grata.federation.strategies import get_strategy
 from grata.privacy import calibrate, source_moments
 from grata.progress import Progress
 from grata.train_source import ensure_source
 from server.config import AffineWeighting, FederateConfig, FederationConfig, Variant, resolved
 from server.coordinator import Coordinator, SiteRecord
+from wire import to_plain
 from server.report import mean_row, site_summary, write_report
 from server.tracking import Tracker, flatten
 
@@ -82,14 +88,13 @@ def config_diff(saved: dict, now: dict, ignore: tuple[str, ...] = ("resume", "en
     return [f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in keys]
 
 
-def introduce(grid: Grid, cfg: FederateConfig, common: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Ask every node who it is (name, image count, labels, whether it holds the source model)."""
-    nodes = wait_for_nodes(grid, len(cfg.data.sites))
-    if len(nodes) < len(cfg.data.sites):  # a partial federation must never run quietly
-        print(f"WARNING: only {len(nodes)} of the {len(cfg.data.sites)} configured sites (data.sites) joined. "
-              f"Under `flwr run .` size the local federation: --federation-config \"num-supernodes="
-              f"{len(cfg.data.sites)}\" (make flwr-run does this).", flush=True)
-    intro = _ask(grid, {n: RecordDict({"config": ConfigRecord(common)}) for n in nodes}, "query", 0,
+def introduce(grid: Grid, cfg: FederateConfig, common: dict[str, Any], nodes: list[int],
+              rnd: int = 0) -> dict[int, dict[str, Any]]:
+    """Ask these nodes who they are (name, image count, labels, whether they hold the source model);
+    returns the audited introductions by node id (a node that fails is named and left out)."""
+    if not nodes:
+        return {}
+    intro = _ask(grid, {n: RecordDict({"config": ConfigRecord(common)}) for n in nodes}, "query", rnd,
                  cfg.federation.round_timeout_s)
     sites: dict[int, dict[str, Any]] = {}
     for nid, reply in intro.items():
@@ -97,65 +102,52 @@ def introduce(grid: Grid, cfg: FederateConfig, common: dict[str, Any]) -> dict[i
             print(f"node {nid} could not introduce itself: {reply.error.reason}")
             continue
         try:
-            audit(reply.content, "query")
+            audit_plain(to_plain(reply.content), INTRO, label="an introduction")
         except ReplyRejected as exc:
             print(f"node {nid}: introduction not used: {exc}")
             continue
         sites[nid] = dict(reply.content["site"])
-    if len(sites) < cfg.federation.min_sites:
-        raise RuntimeError(f"only {len(sites)} of {len(nodes)} sites answered; federation.min_sites={cfg.federation.min_sites}")
     return sites
 
 
-def round_content(rnd: int, common: dict[str, Any], coord: Coordinator, cfg: FederateConfig, reset: bool,
-                  source: tuple[torch.nn.Module, dict] | None, site: str = "") -> RecordDict:
-    """What one site gets this round: the configuration, a reset order, and per variant the pooled
-    statistics or averaged affine parameters; `source` (model, metadata) when it lacks the model."""
-    rec = {**common, "round": rnd, "reset": reset, "pooled_weight": cfg.federation.pooled_weight}
+def round_content(rnd: int, common: dict[str, Any], coord: Coordinator, name: str, reset: bool,
+                  source: tuple[torch.nn.Module, dict] | None) -> RecordDict:
+    """What site `name` gets this round: the configuration, a reset order, its first round, what
+    the variant broadcasts to it, and `source` (model, metadata) when it lacks the model."""
+    joined = coord.site(name).joined
+    arrays, extra = coord.strategy.broadcast(coord, name, rnd, reset, first=joined == rnd)
+    if set(arrays) & set(RESERVED) or set(extra) & {"round", "reset", "joined", *common}:
+        raise ValueError(f"variant {coord.cfg.variant.value} broadcasts reserved names: {sorted(set(arrays) | set(extra))}")
+    rec = {**common, "round": rnd, "reset": reset, "joined": joined, **extra}
     content = RecordDict()
     if source is not None:
         model, meta = source
         rec.update(model_config=json.dumps(asdict(model.config)), shift_reference=float(meta["shift_reference"]),
                    quality=json.dumps(meta["quality"]))
         content["model"] = ArrayRecord(model.state_dict())
-    if coord.pooled is not None:
-        content["pooled"] = layer_record(coord.pooled, ("m1", "m2"))
-        # each layer's share shrinks with the signal that survived the privacy noise: noise-only
-        # statistics are not mixed in (they would pull every site towards the source's)
-        rec["pooled_weights"] = [cfg.federation.pooled_weight * k for k in coord.pooled_kept]
-    if cfg.federation.variant == Variant.fed_kin:  # the other sites' noisy shift evidence, as rows
-        rows = coord.kin_rows(exclude=site)
-        if rows:
-            rec.update(kin_mean=[r.mean for r in rows], kin_count=[r.count for r in rows],
-                       kin_std=[r.std for r in rows])
-    if coord.affine is not None and not reset:
-        content["affine"] = layer_record(coord.affine, ("weight", "bias"))
+    for record, items in arrays.items():
+        content[record] = ArrayRecord({k: v.detach().float().contiguous() for k, v in items.items()})
     content["config"] = ConfigRecord(rec)
     return content
 
 
-def accept(reply: Message | None, variant: Variant, coord: Coordinator):
-    """Audit a reply and parse it: (metrics, stats release or None, affine layers or None, inventory).
-    Raises ReplyRejected or ValueError on anything that must not be used; nothing is aggregated here."""
+RESERVED = ("config", "model")  # a train message's own records; the variant's broadcast uses other names
+
+
+def accept(reply: Message | None, coord: Coordinator) -> tuple[dict[str, float], Any, list[dict[str, Any]]]:
+    """Audit a reply against the variant's allowed list and let the variant parse it: (metrics, what
+    the variant parsed, inventory). Raises ReplyRejected or ValueError on anything that must not be
+    used; nothing is aggregated here."""
     if reply is None:
         raise ReplyRejected("no reply within the round timeout")
     if reply.has_error():
         raise ReplyRejected(f"site error: {reply.error.reason}")
-    inventory = audit(reply.content, variant.value, [mu.numel() for mu, _ in coord.refs])
-    metrics = dict(reply.content["metrics"])
-    if "privacy" in reply.content:
-        metrics.update(reply.content["privacy"])
-    release = None
-    if "stats" in reply.content:
-        release = ([s[0] for s in layer_tensors(reply.content["stats"], ("sum",))],
-                   int(metrics["stats_images"]), float(metrics["dp_noise_std"]))
-        coord.check_release(*release)
-    if variant == Variant.fed_kin:
-        release = coord.check_kin(metrics)  # (noisy mean, images, std) or None
-    layers = layer_tensors(reply.content["affine"], ("weight", "bias")) if "affine" in reply.content else None
-    if layers is not None:
-        coord.check_affine(layers)
-    return metrics, release, layers, inventory
+    strategy, plain = coord.strategy, to_plain(reply.content)
+    inventory = audit_plain(plain, strategy.allowed, strategy.required, [mu.numel() for mu, _ in coord.refs],
+                            label=f"variant {strategy.name}")
+    metrics = dict(plain["metrics"])
+    metrics.update(plain.get("privacy", {}))
+    return metrics, strategy.accept(coord, plain, metrics), inventory
 
 
 def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None = None,
@@ -169,8 +161,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     if model.config != cfg.model:
         raise ValueError(f"{checkpoint} holds {model.config}, the configuration asks for {cfg.model}")
     rounds = cfg.federation.rounds
-    sigma = calibrate(cfg.privacy.epsilon, cfg.privacy.delta, rounds, cfg.privacy.accountant) \
-        if variant in (Variant.fed_stats, Variant.fed_kin) else 1.0
+    private = get_strategy(variant.value).private  # the variant's declaration: its sites keep a ledger
+    sigma = calibrate(cfg.privacy.epsilon, cfg.privacy.delta, rounds, cfg.privacy.accountant) if private else 1.0
     run_dir = Path(run_dir or Path(base) / cfg.out_dir / f"{variant.value}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = run_dir if run_dir.is_absolute() else Path(base) / run_dir
     data = {**asdict(cfg.data), "root": str(resolve_root(cfg.data.root, base).resolve())}  # sites may run elsewhere
@@ -179,38 +171,66 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                           overlays=cfg.mlflow.overlays, clip=cfg.privacy.clip, noise_multiplier=sigma,
                           epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
                           min_images=cfg.privacy.min_images, metrics_share=cfg.privacy.metrics_share,
-                          report_dice=cfg.privacy.report_dice, state_root=str((run_dir / "sites").resolve()))
+                          report_dice=cfg.privacy.report_dice, state_root=str((run_dir / "sites").resolve()),
+                          strategy_options=get_strategy(variant.value).settings(cfg.federation.options))
     common = {"site_config": json.dumps(asdict(site_cfg)), "model_digest": digest, "model_hint": str(checkpoint.resolve())}
     config = resolved(cfg)
     progress = load_progress(run_dir, config) if resume else None  # fail before any site is asked
 
     print(f"run folder: {run_dir}", flush=True)
-    sites = introduce(grid, cfg, common)
+    first = progress["round"] + 1 if progress else 1
+    start = min(first, rounds)  # the round whose members start now (a finished run: the last)
+    starters = [s for s in cfg.data.sites if cfg.federation.joins(s) <= start]
+    nodes = wait_for_nodes(grid, len(starters))
+    if len(nodes) < len(starters):  # a partial federation must never run quietly
+        print(f"WARNING: only {len(nodes)} of the {len(starters)} configured sites (data.sites) joined. "
+              f"Under `flwr run .` size the local federation: --federation-config \"num-supernodes="
+              f"{len(cfg.data.sites)}\" (make flwr-run does this).", flush=True)
+    answered = introduce(grid, cfg, common, nodes, 0)
+    if len(answered) < cfg.federation.min_sites:
+        raise RuntimeError(f"only {len(answered)} of {len(nodes)} sites answered; federation.min_sites={cfg.federation.min_sites}")
+    # a site whose round has not come is not a member yet: it is asked again, and joins, in its round
+    sites = {nid: s for nid, s in answered.items() if cfg.federation.joins(str(s["name"])) <= start}
     names = {nid: str(s["name"]) for nid, s in sites.items()}
     print(f"{variant.value}: {len(sites)} sites: " + ", ".join(
-        f"{s['name']} ({s['images_total']} images{', labelled' if s['labelled'] else ''})" for s in sites.values()))
-    if variant == Variant.fed_kin:
-        print(f"  privacy: epsilon {cfg.privacy.epsilon}, delta {cfg.privacy.delta} over {rounds} releases "
-              f"-> noise multiplier {sigma:.3f} per round (stem shift {sigma / (1 - cfg.privacy.metrics_share) ** 0.5:.3f})")
-    if variant == Variant.fed_stats:
+        f"{s['name']} ({s['images_total']} images{', labelled' if s['labelled'] else ''})" for s in sites.values())
+        + "".join(f"; {s['name']} joins in round {cfg.federation.joins(str(s['name']))}"
+                  for nid, s in answered.items() if nid not in sites))
+    if private:
         print(f"  privacy: epsilon {cfg.privacy.epsilon}, delta {cfg.privacy.delta} over {rounds} releases "
               f"-> noise multiplier {sigma:.3f} per round (BN statistics {sigma / (1 - cfg.privacy.metrics_share) ** 0.5:.3f}, "
               f"Dice proxy {sigma / cfg.privacy.metrics_share ** 0.5:.3f}), clip {cfg.privacy.clip}")
 
-    # the coordinator names each site's stream by its label only: a site's paths stay at the site
-    datasets = {str(s["name"]): {"kind": cfg.data.kind, "source": f"{cfg.data.kind}:{s['name']}",
-                                 "images": int(s["images_total"]), "labelled": bool(s["labelled"]),
-                                 "split": cfg.data.site_split, "size": cfg.data.size} for s in sites.values()}
+    def dataset(s: dict[str, Any]) -> dict[str, Any]:
+        # the coordinator names each site's stream by its label only: a site's paths stay at the site
+        return {"kind": cfg.data.kind, "source": f"{cfg.data.kind}:{s['name']}", "images": int(s["images_total"]),
+                "labelled": bool(s["labelled"]), "split": cfg.data.site_split, "size": cfg.data.size}
+
     tracker = Tracker(cfg.mlflow, base, variant.value, config, sorted(names.values()), run_dir / "mlflow_offline.jsonl",
                       runs=progress["mlflow"] if progress else None, group=cfg.mlflow.group or run_dir.name,
-                      datasets=datasets)
-    coord = progress["coordinator"] if progress else Coordinator(cfg.federation, source_refs(model),
-                                                                 kin_sigma=sigma / (1 - cfg.privacy.metrics_share) ** 0.5)
-    first = progress["round"] + 1 if progress else 1
+                      datasets={str(s["name"]): dataset(s) for s in sites.values()})
+    coord = progress["coordinator"] if progress else Coordinator(cfg.federation, source_refs(model))
+    # what a private variant's accept checks a release's noise against: the run's own, never the site's word
+    coord.state.setdefault("privacy", {"noise_multiplier": sigma, "metrics_share": cfg.privacy.metrics_share})
     if progress:
         print(f"  resuming {run_dir.name} after round {progress['round']} of {rounds}"
               + (": every round is done, only the report is rewritten" if first > rounds else ""))
     needs_model = {nid for nid, s in sites.items() if not s["has_model"]}
+
+    def join_new(rnd: int) -> None:
+        """Nodes not yet members: asked who they are; those whose round has come join now."""
+        new = introduce(grid, cfg, common, [n for n in sorted(grid.get_node_ids()) if n not in names], rnd)
+        for nid, s in new.items():
+            name = str(s["name"])
+            if cfg.federation.joins(name) > rnd:
+                continue
+            names[nid] = name
+            if not s["has_model"]:
+                needs_model.add(nid)
+            tracker.add_site(name, dataset(s))
+            print(f"  round {rnd}: {name} joins ({s['images_total']} images{', labelled' if s['labelled'] else ''})",
+                  flush=True)
+
     sent: list[dict[str, Any]] = []  # the audit: every accepted reply's keys, shapes and sizes
     status, bookkeeping_s, round_s = "FAILED", 0.0, []  # bookkeeping: MLflow writes and the coordinator's saved state
     startup_s = time.perf_counter() - t_start  # sites introduced (in simulation: the engine's workers started)
@@ -218,16 +238,20 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
     try:
         for rnd in range(first, rounds + 1):
             t0 = time.perf_counter()
+            if rnd > start:
+                join_new(rnd)
+            for name in names.values():  # a site's first round: the variant's newcomer broadcast, its stream split from here
+                coord.site(name).joined = coord.site(name).joined or rnd
             resets = {name: coord.take_reset(name) for name in names.values()}
-            contents = {nid: round_content(rnd, common, coord, cfg, resets[name],
-                                           (model, meta) if nid in needs_model else None, site=name)
+            contents = {nid: round_content(rnd, common, coord, name, resets[name],
+                                           (model, meta) if nid in needs_model else None)
                         for nid, name in names.items()}
             replies = _ask(grid, contents, "train", rnd, cfg.federation.round_timeout_s)
-            per_site, affine, failed = {}, {}, {}
+            per_site, items, failed = {}, {}, {}
             for nid, name in names.items():
                 reply = replies.get(nid)
                 try:
-                    metrics, release, layers, inventory = accept(reply, variant, coord)
+                    metrics, parsed, inventory = accept(reply, coord)
                     sent.append({"site": name, "round": rnd, "items": inventory,
                                  "bytes": sum(item["bytes"] for item in inventory)})
                 except (ReplyRejected, ValueError, KeyError) as exc:  # recorded, logged, never aggregated
@@ -236,22 +260,18 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                     tracker.tag_site(name, f"fedgrata.failure.round{rnd}", str(exc)[:500])
                     failed[name] = {"reply_failed": 1.0}
                     continue
-                if release is not None and variant == Variant.fed_kin:
-                    coord.add_kin(name, release)
-                elif release is not None:
-                    coord.add_release(*release, site=name)
                 needs_model.discard(nid)
                 flagged = coord.observe(name, rnd, {**metrics, "reset": float(resets[name])})  # counted in the summary
-                if layers is not None and not flagged:  # a drifting site's parameters are not averaged in
-                    affine[name] = (layers, coord.affine_weight(metrics))
+                item = coord.strategy.admit(coord, name, parsed, metrics, flagged)
+                if item is not None:
+                    items[name] = item
                 per_site[name] = {**metrics, "flagged": float(flagged), "reset": float(resets[name])}
-            coord.end_round(affine)
+            coord.end_round(items)
             if len(per_site) < cfg.federation.min_sites:
                 raise RuntimeError(f"round {rnd}: {len(per_site)} usable replies, federation.min_sites={cfg.federation.min_sites}")
             means = {k: sum(m[k] for m in per_site.values() if k in m) / n
                      for k in MEAN_KEYS if (n := sum(k in m for m in per_site.values()))}
-            if coord.pooled_kept:
-                means["dp_signal_kept"] = sum(coord.pooled_kept) / len(coord.pooled_kept)
+            means.update(coord.strategy.round_means(coord))
             t_book = time.perf_counter()
             tracker.log_round(rnd, {**per_site, **failed}, means)
             save_progress(run_dir, rnd, coord, tracker, config)

@@ -124,6 +124,7 @@ class Tracker:
         self.client = MlflowClient(self.uri)
         self.parent, self.children, self.closed = None, {}, False
         self.logged: dict[str, int] = {}  # resume: run id -> the last step already in the store
+        self.cfg, self.variant, self.group, self.flat = cfg, variant, group, flatten(config)  # for sites that join later
         with _LIVE_LOCK:
             LIVE.append(self)
         if runs is not None:
@@ -146,7 +147,7 @@ class Tracker:
 
     def _open(self, cfg: MlflowConfig, variant: str, config: dict[str, Any], sites: list[str], group: str,
               datasets: dict[str, dict[str, Any]]) -> None:
-        exp_id, sites_exp = self._experiment(cfg.experiment), self._experiment(f"{cfg.experiment}-sites")
+        exp_id = self._experiment(cfg.experiment)
         common = {**code_tags(), "fedgrata.variant": variant, **({"fedgrata.compare": group} if group else {})}
         name = cfg.run_name or (f"{variant} {group}" if group else variant)
         self.parent = self.client.create_run(exp_id, run_name=name, tags=common).info.run_id
@@ -157,12 +158,25 @@ class Tracker:
         if datasets:
             self.client.log_inputs(self.parent, [dataset_input(s, datasets[s]) for s in sites if s in datasets])
         for site in sites:
-            tags = {**common, "mlflow.parentRunId": self.parent, "fedgrata.site": site}
-            child = self.client.create_run(sites_exp, run_name=f"{site} / {name}", tags=tags).info.run_id
-            self.children[site] = child
-            self.client.log_batch(child, params=[Param("site", site), *[Param(k, flat[k]) for k in SITE_PARAMS if k in flat]])
-            if site in datasets:
-                self.client.log_inputs(child, [dataset_input(site, datasets[site])])
+            self._child(site, datasets.get(site))
+
+    def _child(self, site: str, dataset: dict[str, Any] | None) -> None:
+        """The site's own run under the parent, in the sites' experiment."""
+        cfg, group = self.cfg, self.group
+        common = {**code_tags(), "fedgrata.variant": self.variant, **({"fedgrata.compare": group} if group else {})}
+        name = cfg.run_name or (f"{self.variant} {group}" if group else self.variant)
+        tags = {**common, "mlflow.parentRunId": self.parent, "fedgrata.site": site}
+        sites_exp = self._experiment(f"{cfg.experiment}-sites")
+        child = self.client.create_run(sites_exp, run_name=f"{site} / {name}", tags=tags).info.run_id
+        self.children[site] = child
+        self.client.log_batch(child, params=[Param("site", site), *[Param(k, self.flat[k]) for k in SITE_PARAMS if k in self.flat]])
+        if dataset:
+            self.client.log_inputs(child, [dataset_input(site, dataset)])
+
+    def add_site(self, site: str, dataset: dict[str, Any] | None = None) -> None:
+        """A site that joined the running federation: its run, once (a resumed run keeps its own)."""
+        if site not in self.children:
+            self._do({"kind": "site", "site": site}, lambda: self._child(site, dataset))
 
     def _reopen(self) -> None:
         """Back to RUNNING, and note each run's last logged step: a coordinator stopped between its MLflow

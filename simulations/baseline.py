@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from client.site import load_source
+from grata.federation.siteconfig import load_source
 from grata.adapters import build_adapter
 from grata.config import open_domain
 from grata.data import StreamReport, stream

@@ -114,13 +114,14 @@ def tiny_config(tmp: Path, checkpoint: Path, *overrides: str):
 
 
 class RecordingGrid(InlineGrid):
-    """Keeps every reply a site sent, to audit exactly what left it."""
+    """Keeps every reply a site sent, to audit exactly what left it, and every message it was sent."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.replies = []
+        self.replies, self.sent = [], []
 
     def _handle(self, msg):  # every reply that left a site, also one a round timeout then left out
+        self.sent.append(msg)
         reply = super()._handle(msg)
         if reply.metadata.message_type == "train":
             self.replies.append(reply)

@@ -15,12 +15,13 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import grata.privacy as privacy
 from client.limits import LimitRefused, SiteLimits
-from client.protocol import MAX_REPLY_BYTES, ReplyRejected, audit
+from grata.federation.protocol import MAX_REPLY_BYTES, ReplyRejected
 from client.site import Site, SiteConfig, open_site_data
 from grata.data import Sample
 from grata.privacy import PrivateMoments
 from server.config import FederationConfig, Variant
 from server.coordinator import Coordinator
+from wire import audit
 
 SIZE = 64  # the deepest ResNet stage is 2 x 2: image statistics exist in every layer
 # the recommended method with everything that couples images switched on: adaptation with Adam, bn=auto
@@ -185,7 +186,7 @@ def test_a_lying_site_is_refused_or_bounded(tmp_path, checkpoint):
     honest = [(torch.ones_like(mu), torch.zeros_like(mu)) for mu, _ in refs]
     liar = [(torch.full_like(mu, 1e3), torch.full_like(mu, 1e3)) for mu, _ in refs]
     coord.end_round({"a": (honest, 10.0), "b": (honest, 10.0), "liar": (liar, 1e5)})
-    assert torch.allclose(coord.affine[0][0], torch.ones_like(refs[0][0]))
+    assert torch.allclose(coord.state["affine"][0][0], torch.ones_like(refs[0][0]))
     # a model whose digest the node config did not pin is refused, whatever the coordinator says
     with pytest.raises(LimitRefused, match="pinned"):
         Site("gamma", site.dataset, tmp_path / "t", cfg, checkpoint, limits=limits(tmp_path, source_digest="0" * 64))

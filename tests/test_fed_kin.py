@@ -9,12 +9,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import grata.privacy as privacy
-from client.protocol import ReplyRejected, audit
 from client.site import Site, open_site_data
+from grata.federation.protocol import ReplyRejected
+from grata.federation.strategies.fed_kin import FedKin, shift_sigma
 from grata.kin import LOG_SHIFT_MAX, KinRow, accumulate, confirms, log_shift, release_std
 from server.config import FederationConfig, Variant
 from server.coordinator import Coordinator
 from tests.test_attacks import Swapped, limits, site_config
+from wire import audit
 
 KIN_KEYS = {"images", "skipped", "stats_images", "dice_proxy", "stem_shift"}
 
@@ -66,7 +68,7 @@ def test_a_kin_site_sends_only_noised_values_under_its_ledger(tmp_path, mid_chec
     again, _ = kin_site(tmp_path / "b", mid_checkpoint)
     outs = [site.run_round(1), site.run_round(2)]
     twin = again.run_round(1)
-    sigma = cfg.noise_multiplier / math.sqrt(1 - cfg.metrics_share)
+    sigma = shift_sigma(cfg.noise_multiplier, cfg.metrics_share)
     for o in outs:
         assert set(o["metrics"]) <= KIN_KEYS and "stats" not in o  # one number and the proxy, nothing else
         assert o["privacy"]["dp_noise_std"] == pytest.approx(release_std(sigma, o["metrics"]["stats_images"]))
@@ -82,21 +84,29 @@ def test_a_kin_site_sends_only_noised_values_under_its_ledger(tmp_path, mid_chec
 
 
 def test_a_lying_site_cannot_plant_kin_evidence(tmp_path):
-    coord = Coordinator(FederationConfig(variant=Variant.fed_kin), [], kin_sigma=1.3)
-    honest = {"dp_released": 1.0, "stats_images": 6, "stem_shift": 5.0, "dp_noise_std": release_std(1.3, 6)}
-    assert coord.check_kin(honest) == (5.0, 6, release_std(1.3, 6))
+    kin = FedKin()
+    coord = Coordinator(FederationConfig(variant=Variant.fed_kin), [])
+    coord.state["privacy"] = {"noise_multiplier": 1.2, "metrics_share": 0.1}  # the run's own, set by federate
+    std = release_std(shift_sigma(1.2, 0.1), 6)
+    honest = {"dp_released": 1.0, "stats_images": 6, "stem_shift": 5.0, "dp_noise_std": std}
+    assert kin.accept(coord, {}, honest) == (5.0, 6, std)
     for lie, match in (({"stem_shift": 1e6}, "outside"),  # far beyond any noisy mean of [0, 8]
-                       ({"dp_noise_std": 1e-4}, "noise std"),  # claims a precision the run's noise never gives
+                       ({"stem_shift": -50.0}, "outside"),
+                       ({"dp_noise_std": std / 100}, "noise std"),  # claims a precision the run's noise never gives
                        ({"stats_images": 0}, "images"), ({"stats_images": 10**7}, "images")):
         with pytest.raises(ValueError, match=match):
-            coord.check_kin({**honest, **lie})
+            kin.accept(coord, {}, {**honest, **lie})
     with pytest.raises(ValueError, match="needs stem_shift"):
-        coord.check_kin({k: v for k, v in honest.items() if k != "stem_shift"})
-    coord.add_kin("a", (5.0, 6, 1.0))
-    assert coord.kin_rows(exclude="a") == [] and coord.kin_rows(exclude="b")[0].count == 6  # never a site's own row
+        kin.accept(coord, {}, {k: v for k, v in honest.items() if k != "stem_shift"})
+    kin.aggregate(coord, {"a": (5.0, 6, 1.0)})
+    assert kin.broadcast(coord, "a", 2, False, False) == ({}, {})  # never a site's own row back
+    assert kin.broadcast(coord, "b", 2, False, True)[1]["kin_count"] == [6]  # a newcomer gets the others'
     site, _ = kin_site(tmp_path, _any_checkpoint(tmp_path))
-    site.set_kin([KinRow(float("nan"), 6, 1.0), KinRow(5.0, 6, -1.0), KinRow(1e9, 6, 1.0), KinRow(5.0, 6, 1.0)])
+    kin.apply(site, {}, {"kin_mean": [float("nan"), 5.0, 1e9, 5.0, 5.0], "kin_count": [6, 6, 6, 10**9, 6],
+                         "kin_std": [1.0, -1.0, 1.0, 1.0, 1.0]})
     assert site.kin == [KinRow(5.0, 6, 1.0)]  # rows no honest coordinator could send are dropped
+    with pytest.raises(ValueError, match="length"):
+        kin.apply(site, {}, {"kin_mean": [5.0], "kin_count": [], "kin_std": [1.0]})
 
 
 def _any_checkpoint(tmp_path):

@@ -10,10 +10,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from client.client_app import app as client_app
-from client.protocol import audit
 from client.site import Site, SiteConfig, load_source, open_site_data
 from grata.models import ModelConfig, ResUNet
 from server.federation import federate
+from wire import audit
 
 from tests.conftest import SIZE, RecordingGrid, run_tiny, tiny_config  # noqa: E402 - shared with test_faults
 
@@ -67,7 +67,7 @@ def test_replies_hold_only_the_allowed_records(tmp_path, checkpoint, variant):
     for reply in grid.replies:
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         assert set(reply.content.keys()) == expected
-        # key by key, written out here rather than taken from client/protocol.py: a key added there (or
+        # key by key, written out here rather than taken from grata/federation/protocol.py: a key added there (or
         # a value that should not leave a site) must show up as a change to this test
         assert set(reply.content["site"].keys()) == {"name", "status"}
         assert set(reply.content["metrics"].keys()) == METRICS[variant]
@@ -121,7 +121,7 @@ def test_site_state_survives_a_new_process(tmp_path, checkpoint):
         assert a["privacy"]["dp_epsilon"] == pytest.approx(b["privacy"]["dp_epsilon"])  # the accountant persisted
         assert a["metrics"]["stats_images"] == b["metrics"]["stats_images"] == 2
     again = Site("gamma", dataset, tmp_path / "b", site_cfg, checkpoint).run_round(2)  # asked again: same answer
-    assert again["metrics"] == out_fresh[1]["metrics"] and all(torch.equal(x, y) for x, y in zip(again["stats"], out_fresh[1]["stats"]))
+    assert again["metrics"] == out_fresh[1]["metrics"] and all(torch.equal(again["stats"][k], out_fresh[1]["stats"][k]) for k in out_fresh[1]["stats"])
     with pytest.raises(RuntimeError, match="already done"):
         Site("gamma", dataset, tmp_path / "b", site_cfg, checkpoint).run_round(1)
 

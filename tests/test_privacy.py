@@ -149,8 +149,8 @@ def test_affine_average_is_weighted():
     a = [(torch.ones(3), torch.zeros(3)), (torch.ones(2), torch.zeros(2))]
     b = [(3 * torch.ones(3), torch.ones(3)), (3 * torch.ones(2), torch.ones(2))]
     coord.end_round({"a": (a, 1.0), "b": (b, 3.0)})
-    assert torch.allclose(coord.affine[0][0], torch.full((3,), 2.5))
-    assert torch.allclose(coord.affine[1][1], torch.full((2,), 0.75))
-    assert coord.affine_weight({"images": 10, "align_cos_mean": 0.0}) == 10
+    assert torch.allclose(coord.state["affine"][0][0], torch.full((3,), 2.5))
+    assert torch.allclose(coord.state["affine"][1][1], torch.full((2,), 0.75))
+    assert coord.strategy.weight(coord, {"images": 10, "align_cos_mean": 0.0}) == 10
     aligned = Coordinator(FederationConfig(variant=Variant.fed_affine, affine_weighting=AffineWeighting.alignment), REFS)
-    assert aligned.affine_weight({"images": 10, "align_cos_mean": 0.0}) == pytest.approx(2.5)
+    assert aligned.strategy.weight(aligned, {"images": 10, "align_cos_mean": 0.0}) == pytest.approx(2.5)
