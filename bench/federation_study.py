@@ -1,7 +1,7 @@
 """Federation scenarios: does sharing pay where hospitals share a device, and do no harm where they differ?
 
     python -m bench.federation_study --scenario vendors [--data synthetic|fundus] [--variants local_only fed_kin ...]
-    python -m bench.federation_study --scenario vendors --from runs/.../compare-<time>   # summarise a finished compare
+    python -m bench.federation_study --scenario vendors --from runs/.../compare-<time> [...]  # summarise finished compares
 
 Runs `simulations.compare scenario=<name>` in this process (engine=inline: the sites in turn, the same
 code as the Flower simulation) or reads a finished comparison folder, then reports per variant: each
@@ -48,10 +48,13 @@ def first_round(run_dir: Path, sites: list[str]) -> dict[str, float]:
     return out
 
 
-def study(folder: Path, scenario: str, joiners: list[str]) -> dict:
-    """Per variant: sites, mean, epsilon, joiners' first-round Dice; and the targets against local_only."""
-    summary = json.loads((folder / "summary.json").read_text())["variants"]
-    full = json.loads((folder / "compare.json").read_text())
+def study(folders: list[Path], scenario: str, joiners: list[str]) -> dict:
+    """Per variant: sites, mean, epsilon, joiners' first-round Dice; and the targets against local_only.
+    Several comparison folders of the same scenario (one variant each, say) are read as one."""
+    summary, full = {}, {}
+    for folder in folders:
+        summary.update(json.loads((folder / "summary.json").read_text())["variants"])
+        full = {**json.loads((folder / "compare.json").read_text()), **full}
     rows = {}
     for name, entry in summary.items():
         sites = full[name]["sites"]
@@ -69,7 +72,7 @@ def study(folder: Path, scenario: str, joiners: list[str]) -> dict:
         rows = {"source": {"sites": {s: r["dice_mean"] for s, r in src.items()},
                            "dice_mean": sum(r["dice_mean"] * r["images"] for r in src.values()) / total,
                            "epsilon": 0.0, "private": False}, **rows}
-    return {"scenario": scenario, "folder": str(folder), "variants": rows, "targets": targets(scenario, rows)}
+    return {"scenario": scenario, "folders": [str(f) for f in folders], "variants": rows, "targets": targets(scenario, rows)}
 
 
 def targets(scenario: str, rows: dict[str, dict]) -> dict:
@@ -96,16 +99,22 @@ def targets(scenario: str, rows: dict[str, dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
+    """Sites as rows, variants as columns (a scenario has up to 12 hospitals), then the mean, epsilon
+    and, for late joiners, their first-round Dice."""
     rows = result["variants"]
+    names = list(rows)
     sites = list(next(r for n, r in rows.items() if n != "source")["sites"])
-    joiners = any("joiners_first_round" in r for r in rows.values())
-    head = ["variant", *sites, "mean", "epsilon"] + (["joiners' 1st round"] if joiners else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in rows.items():
-        cells = [f"{r['sites'].get(s, float('nan')):.2f}" for s in sites]
-        eps = f"{r['epsilon']:.2f}" if r["private"] else "none (exact values)" if name != "source" else "-"
-        extra = [f"{r['joiners_first_round']:.2f}" if r.get("joiners_first_round") is not None else "-"] if joiners else []
-        lines.append("| " + " | ".join([name, *cells, f"**{r['dice_mean']:.2f}**", eps, *extra]) + " |")
+    lines = ["| site | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for s in sites:
+        lines.append(f"| {s} | " + " | ".join(f"{rows[n]['sites'].get(s, float('nan')):.2f}" for n in names) + " |")
+    lines.append("| **mean (image-weighted)** | " + " | ".join(f"**{rows[n]['dice_mean']:.2f}**" for n in names) + " |")
+    eps = ["-" if n == "source" else f"{rows[n]['epsilon']:.2f}" if rows[n]["private"] else "none (exact values)"
+           for n in names]
+    lines.append("| epsilon spent (max over sites) | " + " | ".join(eps) + " |")
+    if any("joiners_first_round" in r for r in rows.values()):
+        lines.append("| joiners' first-round Dice | " + " | ".join(
+            f"{rows[n]['joiners_first_round']:.2f}" if rows[n].get("joiners_first_round") is not None else "-"
+            for n in names) + " |")
     lines.append("")
     lines.append(f"Target ({TARGETS[result['scenario']]}):")
     for name, t in result["targets"].items():
@@ -146,16 +155,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scenario", required=True, choices=sorted(TARGETS))
     parser.add_argument("--data", default="synthetic", choices=("synthetic", "fundus"))
     parser.add_argument("--variants", nargs="+", default=["local_only", "fed_kin", "fed_stats", "fed_affine"])
-    parser.add_argument("--from", dest="source", type=Path, help="a finished comparison folder to summarise")
+    parser.add_argument("--from", dest="source", type=Path, nargs="+", help="finished comparison folder(s) to summarise")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--overrides", nargs="*", default=[], help="more Hydra overrides")
     args = parser.parse_args(argv)
-    folder = args.source or run_compare(args)
+    folders = args.source or [run_compare(args)]
     from server.config import load_config
 
     cfg = load_config([f"scenario={args.scenario}", *(["data=fundus"] if args.data == "fundus" else [])])
     joiners = sorted(getattr(cfg.scenario, args.data).join_round)
-    result = study(folder, args.scenario, joiners)
+    result = study(folders, args.scenario, joiners)
     text = markdown(result)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -58,3 +58,21 @@ def test_scenario_group_sets_the_sites(name, kind, n):
 def test_join_round_must_name_a_site():
     with pytest.raises(Exception, match="join_round"):
         load_config(["scenario=late_joiner", "+scenario.synthetic.join_round.nowhere=3"])
+
+
+def test_the_study_checks_the_issue_targets_against_local_only():
+    from bench.federation_study import targets
+
+    def row(sites, mean, eps=8.0, private=True, **kw):
+        return {"sites": sites, "dice_mean": mean, "epsilon": eps, "private": private, **kw}
+
+    base = row({"a": 80.0, "b": 60.0}, 70.0, private=False, joiners_first_round=50.0)
+    good = row({"a": 81.5, "b": 60.8}, 71.15, joiners_first_round=52.5)
+    hurts = row({"a": 84.0, "b": 59.0}, 71.5)  # +1.5 on the mean, but one site 1.0 below
+    exact = row({"a": 81.5, "b": 60.8}, 71.15, eps=0.0, private=False)  # shares exact values: no epsilon claim
+    t = targets("vendors", {"local_only": base, "good": good, "hurts": hurts, "exact": exact})
+    assert t["good"]["met"] and not t["hurts"]["met"] and not t["exact"]["met"]
+    assert targets("distinct", {"local_only": base, "x": row({"a": 79.8, "b": 60.0}, 69.9)})["x"]["met"]
+    assert not targets("distinct", {"local_only": base, "x": row({"a": 79.6, "b": 61.0}, 70.3)})["x"]["met"]
+    late = targets("late_joiner", {"local_only": base, "good": good})["good"]
+    assert late["joiners_gain"] == 2.5 and late["met"]
