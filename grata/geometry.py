@@ -349,6 +349,11 @@ class GeometryStep:
         return torch.cat([p[None] if box.is_whole(n, n) else paste(p[None], box, (n, n), fill=0.0)
                           for p, (box, n) in zip(probs, self.boxes)])
 
+    def logits_to_frame(self, logits: torch.Tensor, i: int) -> torch.Tensor:
+        """Logits [C, s, s] the step made on image i's crop in the last call -> [C, H, W], its frame."""
+        box, n = self.boxes[i]
+        return logits if box.is_whole(n, n) else paste(logits[None], box, (n, n))[0]
+
     def _record(self, est: DiscEstimate, box: Box, size: int, retried: bool) -> dict[str, float]:
         self.boxes = [(box, size)]
         return {"geo_found": float(est.found), "geo_cy": est.cy, "geo_cx": est.cx,

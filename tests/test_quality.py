@@ -112,6 +112,33 @@ def test_a_collapsing_adapter_falls_back_to_the_source_and_is_reset(tiny_model):
     assert fallbacks >= 1 and resets >= 1 and adapter.guard_resets >= 1
 
 
+def test_with_the_geometry_step_the_fallback_is_the_source_model_on_the_same_crop(tiny_model):
+    """Geometry on: a collapsed adapter's images are answered by the source model on the disc's crop
+    (what the source with the same geometry step returns), not by the source on the whole frame, whose
+    disc is at the wrong scale; the candidates it chose between come back in the original frame."""
+    from tests.test_geometry import REF, _disc_image
+    image = _disc_image(0.35, 0.6, 0.06, size=64)[0][None]
+    quality = QualityModel(["disc_area"], [0.0], [1.0], [-30.0], 50.0).to_dict()  # a disc filling the crop scores low
+    whole = build_adapter("source", tiny_model, quality=quality, speed="faithful").adapt_and_predict(image)
+    source = build_adapter("source", tiny_model, quality=quality, speed="faithful", geometry="auto",
+                           geometry_reference=REF)
+    source.geometry.retry = False  # an untrained net's crop answer would be judged implausible and retried whole
+    cropped = source.adapt_and_predict(image)
+    assert (cropped - whole).abs().max() > 1.0  # the crop changes the answer, so the check below can fail
+    adapter = build_adapter("tent", tiny_model, lr=50.0, bn="source", quality=quality, fallback=True,
+                            speed="faithful", geometry="auto", geometry_reference=REF)
+    adapter.geometry.retry = False
+    with torch.no_grad():
+        for layer in adapter.norms:
+            layer.bias.fill_(50.0)  # runaway: disc everywhere
+    logits = adapter.adapt_and_predict(image)
+    assert adapter.last_step["geo_cropped"] == 1 and adapter.last_step["fallback"] == 1
+    torch.testing.assert_close(logits, cropped)
+    adapted, source = adapter.last_candidates
+    assert adapted.shape == source.shape == (1, 2, 64, 64)
+    torch.testing.assert_close(source, cropped)
+
+
 def test_guard_state_survives_a_new_adapter(tiny_model):
     """The guard's memory is part of the adapter's state: a fresh process continues it."""
     quality = area_quality()

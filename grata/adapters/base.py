@@ -278,15 +278,16 @@ class Adapter:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         self.last_teacher = None
         images = images.to(self.plan.device)
+        self._verdicts: list[tuple[float, float, bool, torch.Tensor, torch.Tensor]] = []
         if self.geometry is None:
-            logits = self.step(images)
+            logits = self._judged_step(images)
         else:  # the step sees the disc's crop; logits and teacher come back in the original frame
-            logits = self.geometry.apply(self.step, images, self.state_dict, self.load_state_dict)
+            logits = self.geometry.apply(self._judged_step, images, self.state_dict, self._restore_retry)
             self.last_teacher = self.geometry.to_frame(self.last_teacher)
             self.last_step.update(self.geometry.last)
         self.last_step.update(self._update_auto())
-        if self.monitor is not None:
-            logits = self._judge(images, logits)
+        if self._verdicts:
+            self._record_verdicts()
         if self.guard and self.trains:
             signal = self.last_step.get("quality_gain", self.last_step.get("proxy"))
             if signal is not None:
@@ -295,22 +296,44 @@ class Adapter:
         return logits.detach().cpu()
 
     # --- knowing without labels: estimate, fall back, guard ----------------------------------------------
+    def _judged_step(self, images: torch.Tensor) -> torch.Tensor:
+        """The adapter's step, then the per-image choice between its answer and the source model's.
+        With the geometry step this runs on the disc's crop, so the source model it is judged against
+        (and falls back to) sees the disc at its own training scale, as the adapter did."""
+        logits = self.step(images)
+        return logits if self.monitor is None else self._judge(images, logits)
+
+    def _restore_retry(self, state: dict) -> None:
+        """The geometry step retries an image on a corrected crop: its first verdict no longer counts."""
+        if self._verdicts:
+            self._verdicts.pop()
+        self.load_state_dict(state)
+
     def _judge(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Estimate the adapted and the source predictions' Dice; per image keep the adapted one unless
-        the source's estimate leads by more than fallback_margin (fallback=True). Records quality
-        (of what is returned), quality_source, quality_gain (mean adapted - source) and fallback."""
+        the source's estimate leads by more than fallback_margin (fallback=True)."""
         est, est_src, src = self.monitor.assess(images, logits)
-        self.last_candidates = (logits.detach().cpu(), src.cpu())  # (adapted, source): what the choice was between
         use_src = [self.fallback and s - a > self.fallback_margin for a, s in zip(est, est_src)]
+        self._verdicts += [(a, s, u, lg, sl) for a, s, u, lg, sl in
+                           zip(est, est_src, use_src, logits.detach().cpu(), src.detach().cpu())]
         if any(use_src):
             pick = torch.tensor(use_src, device=logits.device).view(-1, 1, 1, 1)
             logits = torch.where(pick, src.to(logits.dtype), logits)
+        return logits
+
+    def _record_verdicts(self) -> None:
+        """Records quality (of what is returned), quality_source, quality_gain (mean adapted - source) and
+        fallback for the last batch, and last_candidates: (adapted, source) logits in the original frame."""
+        est, est_src, use_src, adapted, source = zip(*self._verdicts)
+        if self.geometry is not None:
+            adapted = [self.geometry.logits_to_frame(a, i) for i, a in enumerate(adapted)]
+            source = [self.geometry.logits_to_frame(s, i) for i, s in enumerate(source)]
+        self.last_candidates = (torch.stack(adapted), torch.stack(source))  # what the choice was between
         chosen = [s if u else a for a, s, u in zip(est, est_src, use_src)]
         n = len(est)
         self.last_step.update(quality=sum(chosen) / n, quality_source=sum(est_src) / n,
                               quality_gain=sum(a - s for a, s in zip(est, est_src)) / n,
                               fallback=sum(use_src) / n)
-        return logits
 
     def _reset_guard(self) -> None:
         self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets = None, None, 0, 0
