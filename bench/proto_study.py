@@ -1,4 +1,13 @@
-"""Prototype: which sharing pays among sites alike? Adapters in one process, no Flower (research only)."""
+"""The prototype study behind fed_kin: which sharing could pay among sites alike? (docs/federation_scenarios.md)
+
+    python -m bench.proto_study --sites gamma-1 gamma-2 low_contrast-1@3 --images 24 --rounds 4 \
+        [--variant local|aff|caff] [--boost K] [--bn auto|image|site|mixed] [--bnw W] [--lr LR]
+
+Adapters in one process, no Flower, no privacy: `aff` averages the BN affine parameters over all
+sites after every round, `caff` within each kind (the name before the dash; a `@R` site joins in
+round R and starts from its kind's average), `--boost` scales the averaged change. Prints the Dice
+per round and site and the image-weighted mean.
+"""
 from __future__ import annotations
 
 import argparse

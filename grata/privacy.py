@@ -46,7 +46,6 @@ SCALAR_FIELDS: dict[str, tuple[float, float, bool]] = {
 }
 
 
-
 # --- noise ------------------------------------------------------------------------------------------
 def _opendp():
     import opendp.prelude as dp  # imported on first use: an optional-feature switch is process-wide
