@@ -50,8 +50,11 @@ class FederationConfig:
     min_sites: int = 1  # fewer replies than this ends the run as failed
     aggregation: str = "mean"  # across sites: mean (by capped image counts), median or trimmed_mean (one vote per site)
     trim: float = 0.2  # trimmed_mean: the share of sites dropped at each end of every coordinate
-    join_round: dict[str, int] = field(default_factory=dict)  # site -> the round it joins in (late joiners); others: 1
-    options: dict[str, Any] = field(default_factory=dict)  # variants' own settings (each strategy's `options` declares its keys)
+    # {site: the round it joins in} (late joiners); other sites join in round 1. Typed Any (checked below)
+    # so that `federation.join_round={gamma:3}` on the command line replaces the value: Hydra merges an
+    # override into a typed dict, which the composed configuration's struct flag refuses
+    join_round: Any = None
+    options: Any = None  # {setting: value}: variants' own settings (each strategy's `options` declares its keys); Any as above
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS or not 0 <= self.trim < 0.5:
@@ -65,14 +68,19 @@ class FederationConfig:
             raise ValueError(f"federation.fallback_flag={self.fallback_flag} must lie in (0, 1]")
         if self.proxy_margin <= 0 or self.round_timeout_s < 0 or self.min_sites < 1:
             raise ValueError("federation: proxy_margin > 0, round_timeout_s >= 0 and min_sites >= 1 are required")
-        late = {site: r for site, r in self.join_round.items() if not (isinstance(r, int) and 1 <= r <= self.rounds)}
+        if self.join_round is not None and not (isinstance(self.join_round, dict)
+                                                and all(isinstance(k, str) for k in self.join_round)):
+            raise ValueError(f"federation.join_round={self.join_round!r}: expected {{site: round}}, e.g. {{gamma: 3}}")
+        late = {site: r for site, r in (self.join_round or {}).items() if not (isinstance(r, int) and 1 <= r <= self.rounds)}
         if late:
             raise ValueError(f"federation.join_round: {late}: a site joins in a round from 1 to federation.rounds={self.rounds}")
-        check_options(self.options)  # a key no variant declares: an error naming it
+        if self.options is not None and not isinstance(self.options, dict):
+            raise ValueError(f"federation.options={self.options!r}: expected {{setting: value}}")
+        check_options(self.options or {})  # a key no variant declares: an error naming it
 
     def joins(self, site: str) -> int:
         """The round `site` joins in (1 unless federation.join_round says later)."""
-        return int(self.join_round.get(site, 1))
+        return int((self.join_round or {}).get(site, 1))
 
 
 @dataclass
@@ -132,7 +140,7 @@ class FederateConfig(TrainSourceConfig):  # data, model, train, checkpoint: the 
             raise ValueError(f"engine={self.engine!r}: choose flower or inline")
         if len(self.data.sites) < 1:
             raise ValueError("data.sites is empty: configure at least one site")
-        unknown = sorted(set(self.federation.join_round) - set(self.data.sites))
+        unknown = sorted(set(self.federation.join_round or {}) - set(self.data.sites))
         if unknown:
             raise ValueError(f"federation.join_round names {unknown}, not sites of data.sites={list(self.data.sites)}")
         if all(self.federation.joins(s) > 1 for s in self.data.sites):

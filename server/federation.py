@@ -172,7 +172,7 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                           epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
                           min_images=cfg.privacy.min_images, metrics_share=cfg.privacy.metrics_share,
                           report_dice=cfg.privacy.report_dice, state_root=str((run_dir / "sites").resolve()),
-                          strategy_options=get_strategy(variant.value).settings(cfg.federation.options))
+                          strategy_options=get_strategy(variant.value).settings(cfg.federation.options or {}))
     common = {"site_config": json.dumps(asdict(site_cfg)), "model_digest": digest, "model_hint": str(checkpoint.resolve())}
     config = resolved(cfg)
     progress = load_progress(run_dir, config) if resume else None  # fail before any site is asked

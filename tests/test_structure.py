@@ -27,9 +27,9 @@ def imports(path: Path) -> set[str]:
 
 
 def violations(root: Path) -> list[str]:
-    return [f"{path.relative_to(root)} imports {sorted(imports(path) & banned)}"
-            for package, banned in BANNED.items() for path in sorted((root / package).rglob("*.py"))
-            if imports(path) & banned]
+    return sorted(f"{path.relative_to(root)} imports {sorted(imports(path) & banned)}"
+                  for package, banned in BANNED.items() for path in (root / package).rglob("*.py")
+                  if imports(path) & banned)
 
 
 def test_client_and_server_never_import_each_other():
