@@ -132,7 +132,7 @@ class FederateConfig(TrainSourceConfig):  # data, model, train, checkpoint: the 
             self.data.site_split = chosen.site_split or self.data.site_split
             self.data.synthetic_test = chosen.images or self.data.synthetic_test
             self.federation.rounds = chosen.rounds or self.federation.rounds
-            self.federation.join_round = {**chosen.join_round, **self.federation.join_round}
+            self.federation.join_round = {**chosen.join_round, **(self.federation.join_round or {})}
             late = {s: r for s, r in self.federation.join_round.items() if r > self.federation.rounds}
             if late:
                 raise ValueError(f"scenario={self.scenario.name}: {late} join after the last round {self.federation.rounds}")
