@@ -134,7 +134,7 @@ def plot(result: dict, path: Path, title: str) -> None:
     sites = list(next(r for n, r in rows.items() if n != "source")["sites"])
     cols = [*sites, "mean"]
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(0.75 * len(cols) * max(2, len(rows)) / 2 + 3, 4.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, 0.75 * len(cols) * max(2, len(rows)) / 2 + 3), 4.2))
     for i, (name, r) in enumerate(rows.items()):
         xs = [c + (i - (len(rows) - 1) / 2) * width for c in range(len(cols))]
         ax.bar(xs, [r["sites"].get(s, 0.0) for s in sites] + [r["dice_mean"]], width, label=name)
