@@ -33,7 +33,7 @@ def run_point(variant: str, epsilon: float, args: argparse.Namespace, work: Path
     from client.client_app import app as client_app
 
     tag = f"{variant}_eps{epsilon:g}"
-    cfg = load_config([f"federation={variant}", f"data.synthetic_test={args.images}", f"federation.rounds={args.rounds}",
+    cfg = load_config(["data=synthetic", f"federation={variant}", f"data.synthetic_test={args.images}", f"federation.rounds={args.rounds}",
                        f"privacy.epsilon={epsilon}", "engine=inline", "mlflow.overlays=0",
                        f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}", "mlflow.experiment=bench-privacy",
                        f"mlflow.run_name={tag}", f"out_dir={work / tag}", *args.overrides])

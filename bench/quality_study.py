@@ -22,6 +22,7 @@ import yaml
 
 from grata.adapters import build_adapter
 from grata.data import fundus_split
+from grata.geometry import ensure_reference
 from grata.metrics import score
 from grata.models import load_checkpoint
 from grata.quality import calibration_rows
@@ -42,6 +43,10 @@ def method_options(name: str) -> tuple[str, dict]:
     return cfg["adapter"], cfg.get("options", {})
 
 
+def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([ds[i].image for i in range(len(ds))]), torch.stack([ds[i].mask for i in range(len(ds))])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
@@ -56,6 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     model, meta = load_checkpoint(args.checkpoint)
     source = build_adapter("source", model)
+    train = lambda: _stack(open_split(args.data, args.root, SOURCE[args.data], "train", args.size))  # noqa: E731
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as fh:
@@ -70,8 +76,9 @@ def main() -> None:
             print(f"calibration {n} images x {args.copies + 1} {time.perf_counter() - t0:6.0f}s", flush=True)
         for method in args.methods:
             kind, options = method_options(method)
+            geo = ensure_reference(meta, train) if options.get("geometry", "off") != "off" else None
             adapter = build_adapter(kind, model, shift_reference=meta.get("shift_reference"), quality=meta["quality"],
-                                    **options)
+                                    geometry_reference=geo, **options)
             for target, split in TARGETS[args.data]:
                 adapter.reset()
                 ds = open_split(args.data, args.root, target, split, args.size)

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
 from grata.federation.siteconfig import load_source
 from grata.adapters import build_adapter
 from grata.config import open_domain
@@ -21,6 +23,7 @@ from server.config import FederateConfig
 
 def source_scores(cfg: FederateConfig, checkpoint: Path, base: Path) -> dict[str, dict[str, Any]]:
     """Per site: dice_mean, dice_disc, dice_cup (x100, over every readable image), images, skipped."""
+    torch.set_num_threads(max(1, cfg.threads))  # like one site: torch's default of every core crawls beside other work
     model, meta, _ = load_source(checkpoint)
     adapter = build_adapter("source", model, shift_reference=meta.get("shift_reference"))
     out: dict[str, dict[str, Any]] = {}

@@ -165,9 +165,11 @@ def compare(cfg: FederateConfig, base: Path) -> dict[str, dict]:
     group = out.name  # tag fedgrata.compare and part of every MLflow run name of this comparison
     print(f"comparison folder: {out}", flush=True)
     source = baseline(cfg, base, group)
-    results = {}
+    results, start = {}, time.perf_counter()
     for i, name in enumerate(cfg.variants):
-        print(f"\n=== variant {i + 1}/{len(cfg.variants)}: {name} ===", flush=True)
+        # the comparison's overall ETA: the variants so far took about this long each
+        left = f" (about {(time.perf_counter() - start) / i * (len(cfg.variants) - i):.0f} s left)" if i else ""
+        print(f"\n=== variant {i + 1}/{len(cfg.variants)}: {name} ==={left}", flush=True)
         run_cfg = copy.deepcopy(cfg)
         run_cfg.federation.variant = Variant[name]
         run_cfg.mlflow.group = group

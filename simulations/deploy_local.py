@@ -48,6 +48,7 @@ class Deployment:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
+        self.node_ports: dict[int, int] = {}  # SuperNode index -> the port its Runtime API listens on
         self.env = {**os.environ, "FLWR_HOME": str(self.dir / "flwr"), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
@@ -89,34 +90,45 @@ class Deployment:
         (self.dir / "flwr").mkdir(exist_ok=True)
         (self.dir / "flwr" / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n{conn}')
 
-    def listening(self, proc: subprocess.Popen, timeout: float = 60) -> bool:
-        """True once `proc` accepts connections on self.port; False if it exits first (e.g. the port was taken)."""
+    def listening(self, proc: subprocess.Popen, port: int | None = None, timeout: float = 60) -> bool:
+        """True once `proc` accepts connections on `port` (default: the SuperLink's); False if it exits
+        first (e.g. the port was taken between picking and binding)."""
+        port = port or self.port
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return False
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return proc.poll() is None
             except OSError:
                 time.sleep(0.5)
-        raise TimeoutError(f"superlink did not come up within {timeout:.0f} s")
+        raise TimeoutError(f"{Path(str(proc.args[0])).name} did not listen on port {port} within {timeout:.0f} s")
 
     def register(self, index: int) -> None:
         out = self.flwr("supernode", "register", str(self.site_key(index)[1]), "deploy")
         if out.returncode:
             raise RuntimeError(f"registering node{index} failed: {out.stdout[-500:]} {out.stderr[-500:]}")
 
-    def start_supernode(self, index: int, node_config: dict[str, str], key: Path | None = None) -> subprocess.Popen:
+    def start_supernode(self, index: int, node_config: dict[str, str], key: Path | None = None,
+                        attempts: int = 3) -> subprocess.Popen:
+        """SuperNode `index`, listening for its ClientApps (its Runtime API, on loopback) on a port of its own.
+
+        The port is picked free and then handed to the SuperNode, which binds it a few seconds later: one
+        taken in between makes it exit at start-up, and costs a retry on another port, as for the SuperLink."""
         config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in node_config.items())
-        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                "--node-config", config, "--max-retries", "3", "--max-wait-time", "20"]
-        if self.insecure:
-            args.append("--insecure")
-        else:
-            args += ["--root-certificates", str(self.certs / "ca.pem"),
-                     "--auth-supernode-private-key", str(key or self.site_key(index)[0])]
-        return self._start(f"supernode{index}", args)
+        tls = ["--insecure"] if self.insecure else [
+            "--root-certificates", str(self.certs / "ca.pem"), "--auth-supernode-private-key", str(key or self.site_key(index)[0])]
+        for _ in range(attempts):
+            port = free_port()
+            proc = self._start(f"supernode{index}", [
+                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+                "--port", str(port), "--node-config", config, "--max-retries", "3", "--max-wait-time", "20", *tls])
+            log = self.logs / f"supernode{index}.log"
+            if self.listening(proc, port) or "address already in use" not in log.read_text().lower():
+                self.node_ports[index] = port  # up, or ended for a reason of its own (e.g. a key the SuperLink refused)
+                return proc
+        raise RuntimeError(f"SuperNode {index} found its port taken {attempts} times; see {self.logs / f'supernode{index}.log'}")
 
     def run(self, overrides: list[str], timeout: float = 1800) -> str:
         """`flwr run` the federation; returns the run's final status."""

@@ -88,3 +88,29 @@ def test_a_taken_port_costs_the_superlink_a_retry(tmp_path, monkeypatch):
             assert f"127.0.0.1:{dep.port}" in (dep.dir / "flwr" / "config.toml").read_text()
     finally:
         held.close()
+
+
+def test_a_taken_port_costs_a_supernode_a_retry(tmp_path, monkeypatch):
+    """The port picked for a SuperNode's Runtime API (where its ClientApps connect) is taken before the
+    SuperNode binds it (held, not listening, by the test): the SuperNode it returns listens on another
+    port instead of having died at start-up. No SuperLink is needed: the API is bound before it connects."""
+    import socket
+
+    import simulations.deploy_local as deploy
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    taken = held.getsockname()[1]
+    try:
+        with Deployment(tmp_path / "deploy", insecure=True) as dep:
+            ports = iter([taken])
+            real = deploy.free_port
+            monkeypatch.setattr(deploy, "free_port", lambda: next(ports, None) or real())
+            node = dep.start_supernode(0, {"site": "north", "domain": "gamma", "state-dir": str(tmp_path / "north")})
+            port = int(node.args[node.args.index("--port") + 1])
+            assert port != taken  # the taken port was given up ...
+            assert node.poll() is None  # ... and the SuperNode returned is alive, listening on its own
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            assert len(dep.procs) == 2 and dep.procs[0].poll() is not None  # the first attempt died on the taken port
+    finally:
+        held.close()

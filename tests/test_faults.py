@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,54 @@ def test_an_unreachable_mlflow_does_not_stop_the_federation(tmp_path, checkpoint
     assert "unreachable" in capsys.readouterr().out
 
 
+class StoreClock:
+    """What MLflow calls would cost against a store that never answers, on a clock the test owns.
+
+    Each HTTP call to the store advances it by its worst case, (retries + 1) x its timeout (an attempt that
+    hangs until the timeout), and by every back-off urllib3 asks to sleep, which is not slept. The
+    retries, timeout and back-off are whatever the process's settings give MLflow: the test sets none."""
+
+    def __init__(self, monkeypatch) -> None:
+        import mlflow.utils.rest_utils as rest
+        from urllib3.util.retry import Retry
+
+        self.seconds, self.calls = 0.0, 0
+        real = rest._get_http_response_with_retries
+
+        def call(method, url, max_retries, *args, **kwargs):
+            self.calls += 1
+            self.seconds += (max_retries + 1) * kwargs["timeout"]
+            return real(method, url, max_retries, *args, **kwargs)
+
+        def back_off(retry):
+            self.seconds += retry.get_backoff_time()
+
+        monkeypatch.setattr(rest, "_get_http_response_with_retries", call)
+        monkeypatch.setattr(Retry, "_sleep_backoff", back_off)
+
+
+def test_an_unreachable_mlflow_costs_seconds_with_the_default_settings(tmp_path, checkpoint, monkeypatch):
+    """Nothing set by the user or the test (no MLFLOW_HTTP_* variable): a store where nothing listens
+    costs the federation one call, bounded to seconds, and then no more calls. MLflow's own defaults
+    (7 retries, exponential back-off, a 120 s timeout) would allow over 16 minutes for that one call."""
+    import socket
+
+    for name in [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST")]:
+        monkeypatch.delenv(name)
+    held = socket.socket()  # bound, never listening: connections to it are refused
+    held.bind(("127.0.0.1", 0))
+    clock = StoreClock(monkeypatch)
+    try:
+        cfg = tiny_config(tmp_path, checkpoint, f"mlflow.tracking_uri=http://127.0.0.1:{held.getsockname()[1]}")
+        with pytest.warns(RuntimeWarning, match="unreachable"):
+            result = federate(grid_for(client_app), cfg, tmp_path)
+    finally:
+        held.close()
+    assert result["mlflow"]["offline"] and result["sites"]["gamma"]["rounds"] == 2  # it went on, offline
+    assert clock.calls == 1  # the first failure sends the records to the journal: no call after it
+    assert clock.seconds <= 30  # the worst case of that call: 2 attempts x 10 s, no back-off
+
+
 def test_a_site_stops_releasing_when_its_own_budget_is_spent(tmp_path, checkpoint):
     """The site's ledger (node config ledger-dir, outside the run) remembers a finished run's releases:
     a second run finds the budget spent, so that site releases nothing and says why."""
@@ -368,15 +417,17 @@ def test_a_real_mlflow_server_receives_the_run_over_http_and_may_go_down(tmp_pat
         assert "sites.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}  # artifacts over HTTP too
 
         # The same store goes down after the run started: after round 1 was logged, before round 2.
-        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # the tracker's own retry bound
-        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+        for name in [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST")]:
+            monkeypatch.delenv(name)  # the tracker's own retry bounds, as a user gets them
         grid = grid_for(client_app)
         push = grid.push_messages
+        clock = StoreClock(monkeypatch)
 
         def down_in_round_2(messages):
             messages = list(messages)
             if any(m.metadata.message_type == "train" and m.metadata.group_id == "2" for m in messages):
                 stop(server)
+                clock.seconds, clock.calls = 0.0, 0  # from here on: what the outage costs
             return push(messages)
 
         grid.push_messages = down_in_round_2
@@ -389,6 +440,7 @@ def test_a_real_mlflow_server_receives_the_run_over_http_and_may_go_down(tmp_pat
             stop(server)
     assert len([w for w in warned if "unreachable" in str(w.message)]) == 1
     assert result["sites"]["gamma"]["rounds"] == 2 and result["mlflow"]["offline"]
+    assert clock.calls == 1 and clock.seconds <= 30  # the outage cost one call, bounded to seconds (default settings)
     store = MlflowClient(f"sqlite:///{tmp_path}/server.db")  # what reached the server before it went down
     runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
     down = {r.data.tags.get("fedgrata.site"): r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("goes_down")

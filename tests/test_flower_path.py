@@ -55,3 +55,36 @@ def test_the_local_superlink_is_ours_and_stopped_by_its_process_group(tmp_path):
         assert os.getpgid(pid) == pid  # its own session: stopping it touches nothing else
         assert f"127.0.0.1:{link.port}" in (tmp_path / "flwr" / "config.toml").read_text()
     assert link.proc.poll() is not None
+
+
+def test_a_partial_federation_says_so_and_names_the_fix(tmp_path, checkpoint, monkeypatch, capsys):
+    """Two sites configured, one SuperNode up (plain `flwr run .` without --federation-config): the run
+    goes on with the site it has, but says so first. The wait for the missing node runs on the test's
+    clock, not 120 real seconds."""
+    import time
+
+    import server.federation as fed
+    from client.client_app import app as client_app
+    from server.inline_grid import InlineGrid
+    from tests.conftest import tiny_config
+
+    class Clock:  # time.monotonic/sleep for the node wait; everything else is the real module
+        now = 0.0
+
+        def monotonic(self):
+            return self.now
+
+        def sleep(self, seconds):
+            self.now += seconds
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    monkeypatch.setattr(fed, "time", Clock())
+    cfg = tiny_config(tmp_path, checkpoint)  # data.sites: colour_cast, gamma
+    grid = InlineGrid(client_app, [{"partition-id": 0, "num-partitions": 2}])
+    result = fed.federate(grid, cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert "only 1 of the 2 configured sites (data.sites) joined" in out
+    assert '--federation-config "num-supernodes=2"' in out
+    assert list(result["sites"]) == ["colour_cast"]
