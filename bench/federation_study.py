@@ -32,7 +32,7 @@ def run_compare(args: argparse.Namespace) -> Path:
     from simulations.compare import compare
 
     overrides = [f"scenario={args.scenario}", "engine=inline", "mlflow.overlays=0",
-                 f"variants=[{','.join(args.variants)}]", *(["data=fundus"] if args.data == "fundus" else []),
+                 f"variants=[{','.join(args.variants)}]", f"data={args.data}",  # synthetic: the 128 px setup
                  f"out_dir=runs/federation_study/{args.scenario}_{args.data}", *args.overrides]
     results = compare(load_config(overrides), Path.cwd())
     return Path(next(iter(results.values()))["run_dir"]).parent
@@ -153,7 +153,8 @@ def plot(result: dict, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", required=True, choices=sorted(TARGETS))
-    parser.add_argument("--data", default="synthetic", choices=("synthetic", "fundus"))
+    parser.add_argument("--data", default="synthetic", choices=("synthetic", "fundus"),
+                        help="synthetic: the 128 px setup and its source model (ResUNet-18); fundus: the real domains")
     parser.add_argument("--variants", nargs="+", default=["local_only", "fed_kin", "fed_stats", "fed_affine"])
     parser.add_argument("--from", dest="source", type=Path, nargs="+", help="finished comparison folder(s) to summarise")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     folders = args.source or [run_compare(args)]
     from server.config import load_config
 
-    cfg = load_config([f"scenario={args.scenario}", *(["data=fundus"] if args.data == "fundus" else [])])
+    cfg = load_config([f"scenario={args.scenario}", f"data={args.data}"])
     joiners = sorted(getattr(cfg.scenario, args.data).join_round)
     result = study(folders, args.scenario, joiners)
     text = markdown(result)
