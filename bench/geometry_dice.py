@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,15 @@ from bench.common import publish, table
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["source", "source_geometry"])
-    parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.6, 0.4])
+    parser.add_argument("--targets", nargs="+", default=[], help="a subset of the real targets (default: all three)")
+    parser.add_argument("--scales", nargs="*", type=float, default=[1.0, 0.6, 0.4])
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--split", default="all", choices=["all", "test", "train"], help="the targets' split")
     parser.add_argument("--synthetic", type=int, default=64, help="wide_field images (0: skip)")
     parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--synthetic-checkpoint", default="checkpoints/source_synthetic_clean_resnet18_128.pt",
+                        help="the synthetic demo's source model (trained on the clean style), for wide_field")
+    parser.add_argument("--name", default="geometry_dice", help="bench/results/<name>.json")
     parser.add_argument("--root", default="../shared/data/fundus")
     parser.add_argument("--quality", action="store_true", help="with the checkpoint's quality model (estimate, fallback)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -38,24 +43,32 @@ def main(argv: list[str] | None = None) -> dict:
 
     import simulations.evaluate as ev  # registers the evaluate schema
     from grata.config import DataConfig
-    from grata.geometry import ensure_reference
     from grata.models import load_checkpoint
     from grata.train_source import default_checkpoint, load_split
     from server.config import load_config
 
-    cfg = load_config(["data=fundus", f"data.root={args.root}", f"data.target_split={args.split}"], config_name="evaluate")
+    overrides = ["data=fundus", f"data.root={args.root}", f"data.target_split={args.split}"]
+    if args.targets:
+        overrides.append(f"data.targets=[{','.join(args.targets)}]")
+    cfg = load_config(overrides, config_name="evaluate")
     checkpoint = Path(args.checkpoint or cfg.checkpoint or default_checkpoint(cfg))
     if not Path(cfg.data.root).is_dir() or not checkpoint.is_file():
         raise SystemExit(f"needs the fundus data ({cfg.data.root}) and the source model ({checkpoint})")
     model, meta = load_checkpoint(checkpoint, expect=cfg.model)
-    geo = ensure_reference(meta, lambda: load_split(cfg.data, "train", None))
+    geo = _reference(checkpoint, meta, lambda: load_split(cfg.data, "train", None), args.out)
     print("source geometry:", geo, flush=True)
-    conditions = [(f"x{s:g}", DataConfig(**{**vars(cfg.data), "field_scale": s})) for s in args.scales]
-    if args.synthetic:
-        conditions.append(("synthetic", DataConfig(kind="synthetic", source="clean", targets=["wide_field"],
-                                                   synthetic_train=1, synthetic_test=args.synthetic, target_split="test")))
+    conditions = [(f"x{s:g}", DataConfig(**{**vars(cfg.data), "field_scale": s}), model, meta, geo) for s in args.scales]
+    if args.synthetic:  # the synthetic demo's own source model and its own source geometry
+        syn_model, syn_meta = load_checkpoint(args.synthetic_checkpoint)
+        sidecar = Path(args.synthetic_checkpoint).with_suffix(".json")
+        size = json.loads(sidecar.read_text())["data"]["size"] if sidecar.is_file() else 128
+        syn = DataConfig(kind="synthetic", source="clean", targets=["wide_field"], size=size,
+                         synthetic_train=80, synthetic_test=args.synthetic, target_split="test")
+        syn_geo = _reference(Path(args.synthetic_checkpoint), syn_meta, lambda: load_split(syn, "train", None), args.out)
+        print("synthetic source geometry:", syn_geo, flush=True)
+        conditions.append(("synthetic", syn, syn_model, syn_meta, syn_geo))
     rows, per_image = [], []
-    for label, data in conditions:
+    for label, data, model, meta, geo in conditions:
         for method in args.methods:
             with contextlib.redirect_stderr(io.StringIO()):  # progress bars
                 summary, records = ev.evaluate_method(method, cfg.methods[method], model, data, None, args.limit,
@@ -80,8 +93,22 @@ def main(argv: list[str] | None = None) -> dict:
                       ("dice_cup", "cup", ".1f"), ("geo_cropped", "cropped", ".2f"), ("geo_retried", "retried", ".2f"),
                       ("geo_zoom", "mean zoom", ".2f"), ("seconds_per_image", "s/img", ".3f")])
     result = {"rows": rows, "per_image": per_image, "geometry_reference": geo, "checkpoint": str(checkpoint)}
-    publish("geometry_dice", args, md, **result)
+    publish(args.name, args, md, **result)
     return result
+
+
+def _reference(checkpoint: Path, meta: dict, load_train, out: Path) -> dict:
+    """The checkpoint's source geometry; for a checkpoint without it, computed once from the source's
+    training split and kept as bench/results/geometry_reference_<checkpoint>.json for the next run."""
+    from grata.geometry import ensure_reference
+
+    cache = out / f"geometry_reference_{checkpoint.stem}.json"
+    if not meta.get("geometry") and cache.is_file():
+        meta["geometry"] = json.loads(cache.read_text())
+    geo = ensure_reference(meta, load_train)
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(geo, indent=1))
+    return geo
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 WORK = 96  # working resolution of the classical detector (px); a disc of 3 % of the frame is ~3 px radius
 BACKGROUND_QUANTILE = 0.3  # the field brightness taken for background (the disc may cover half a tight crop)
@@ -112,7 +113,8 @@ class DiscEstimate:
 
     cy, cx: centre (0..1 from the top-left); radius: detector radius (calibrated) / side;
     share: the disc's estimated area / frame area; contrast: the blob's response in units of the
-    field of view's brightness spread (how disc-like the winner is); found: plausible disc or not.
+    field of view's brightness spread (how disc-like the winner is); found: plausible disc or not;
+    field: the share of the frame inside the camera's field of view.
     """
     cy: float
     cx: float
@@ -120,6 +122,7 @@ class DiscEstimate:
     share: float
     contrast: float
     found: bool
+    field: float = 1.0  # share of the frame inside the camera's field of view (< ~0.8: a circular aperture shows)
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -139,7 +142,36 @@ def field_of_view(image: torch.Tensor, threshold: float = 0.06) -> torch.Tensor:
     return -F.max_pool2d(-lit.float()[None, None], 5, 1, 2)[0, 0] > 0.5
 
 
-def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: float = 0.45
+def _refine_centre(z: torch.Tensor, valid: torch.Tensor, s_lo: float, s_hi: float, y: float, x: float
+                   ) -> tuple[float, float]:
+    """The blob's centre at the working resolution, near a coarse (y, x) found on a pooled level.
+
+    The pyramid finds the scale, but a level pooled f times places the peak only to f pixels, which
+    for a small disc is a tenth of the crop's side, and the model is not translation-invariant (it
+    was trained on disc-centred crops: it pulls its predicted disc toward the crop's centre). Here the
+    same difference of Gaussians runs unpooled in a window around the coarse peak, and the centre is
+    the response-weighted mean of the part of the peak above 80 % of its maximum."""
+    reach = int(math.ceil(s_hi)) + 2
+    h, w = z.shape[-2:]
+    y0, y1 = max(0, int(y) - reach), min(h, int(y) + reach + 1)
+    x0, x1 = max(0, int(x) - reach), min(w, int(x) + reach + 1)
+    margin = int(math.ceil(3 * s_hi)) + 1  # the blur's support, so the window's values are exact
+    wy0, wy1, wx0, wx1 = max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin)
+    zw = z[..., wy0:wy1, wx0:wx1]
+    dog = (_blur(zw, s_lo) - _blur(zw, s_hi))[0, 0][y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+    ok = valid[0, 0, y0:y1, x0:x1] > 0.5
+    dog = torch.where(ok, dog, torch.full_like(dog, -math.inf))
+    top = dog.max()
+    if not torch.isfinite(top) or top <= 0:
+        return y, x
+    weight = (dog - 0.8 * top).clamp_min(0)
+    weight = torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
+    yy, xx = torch.meshgrid(torch.arange(y0, y1, dtype=z.dtype), torch.arange(x0, x1, dtype=z.dtype), indexing="ij")
+    total = weight.sum()
+    return float((weight * yy).sum() / total), float((weight * xx).sum() / total)
+
+
+def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: float = 0.45, refine: bool = True
                 ) -> tuple[float, float, float, float]:
     """The strongest bright blob of a fundus image [3, H, W] in [0, 1]: (cy, cx, radius, contrast),
     centre and radius as fractions of the side, radius uncalibrated (sqrt(2) x the best LoG sigma).
@@ -179,6 +211,9 @@ def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: floa
             y, x = (int(i) // dog.shape[1] + 0.5) * f - 0.5, (int(i) % dog.shape[1] + 0.5) * f - 0.5
             best = (v.item(), y - pad, x - pad, k)
     value, y, x, k = best
+    if refine:
+        y, x = _refine_centre(z, valid, sigmas[k], sigmas[k + 1], y + pad, x + pad)
+        y, x = y - pad, x - pad
     s = math.sqrt(sigmas[k] * sigmas[k + 1])
     if 0 < k < len(peaks) - 1 and all(math.isfinite(p) for p in peaks[k - 1:k + 2]):
         # the scale between the sampled ones: vertex of the parabola through the three peak responses
@@ -196,10 +231,11 @@ def estimate_disc(image: torch.Tensor, reference: dict) -> DiscEstimate:
     if image.ndim == 4:
         image = image[0]
     cy, cx, r, contrast = detect_blob(image)
+    field = field_of_view(F.interpolate(image[None].float(), size=(WORK, WORK), mode="area")[0]).float().mean().item()
     radius = r * reference.get("detector_gain", 1.0)
     share = math.pi * radius ** 2
     found = contrast >= reference.get("min_contrast", 1.0) and radius > 0
-    return DiscEstimate(cy, cx, radius, share, contrast, found)
+    return DiscEstimate(cy, cx, radius, share, contrast, found, field)
 
 
 def crop_protocol(estimates: list[DiscEstimate], reference: dict) -> dict[str, float]:
@@ -252,19 +288,66 @@ def ensure_reference(meta: dict, load_train: Callable[[], tuple[torch.Tensor, to
 
 
 # --- the step ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictedDisc:
+    """The model's disc in one pass (largest component of its disc mask), in original-frame fractions:
+    centre, share of the frame, and whether it touches the crop's edge."""
+    cy: float
+    cx: float
+    share: float
+    edge: float
+
+
+def predicted_disc(logits: torch.Tensor, box: Box, size: int) -> PredictedDisc | None:
+    """The largest connected disc component of logits [1, 2, s, s] made on `box` of a size x size
+    frame; None when the model sees no disc. Smaller components (a bright exudate, the canvas edge)
+    would drag the centroid, and the crop is only as good as its centre."""
+    disc = (logits[0, 0] > 0).cpu().numpy()
+    labels, n = ndimage.label(disc)
+    if n == 0:
+        return None
+    if n > 1:
+        sizes = ndimage.sum_labels(disc, labels, index=range(1, n + 1))
+        disc = labels == (int(sizes.argmax()) + 1)
+    ys, xs = disc.nonzero()
+    s = disc.shape[0]
+    scale = box.side / s
+    edge = float((disc[0].sum() + disc[-1].sum() + disc[:, 0].sum() + disc[:, -1].sum()) / (4 * s))
+    return PredictedDisc(cy=(box.y0 + (ys.mean() + 0.5) * scale) / size, cx=(box.x0 + (xs.mean() + 0.5) * scale) / size,
+                         share=float(disc.mean()) * (box.side / size) ** 2, edge=edge)
+
+
 @dataclass
 class GeometryStep:
     """Crop to the source's scale around the disc, segment through `step`, map back.
 
-    reference: `geometry_reference` of the source; keep_whole: use the whole image when the chosen
-    crop's side is at least this share of the frame's (the site already images at about the source's
-    scale); min_side: never crop tighter than this share of the frame (a disc wrongly found tiny);
-    retry: re-run once when the adapter's prediction on the crop says the crop was off.
+    reference: `geometry_reference` of the source.
+    Two paths (docs/geometry.md), chosen per image without labels from a first pass of the model on
+    the whole image (`probe`: a forward with the adapter's current parameters, nothing adapted):
+    - near the source's scale (the classical detector's disc is not much smaller than the model's):
+      the crop is placed and sized on the model's own disc (the model is reliable near its scale);
+    - a wider field (the detector sees a disc below `route` times the model's, and the disc is a small
+      part of the field: contrast of at least `min_contrast` robust spreads, or a visible circular
+      aperture, the field of view covering less than `aperture` of the frame): the model draws a
+      disc at its training scale wherever it looks, so the crop starts from the classical detector's disc.
+    Either path then re-centres and re-sizes on the model's disc in the crop `refine` times. The model
+    pulls its disc toward the crop's centre (it was trained on disc-centred crops), so a re-centring
+    moves `gain` times the offset it sees. keep_whole: a crop at least this share of the frame is
+    the whole image; min_side: never crop tighter than this share of the frame.
+    Without a probe (`apply(..., probe=None)`) or with use_model=False, only the detector's crop is
+    used (no model pass before the step: below one forward's cost), checked once by the adapter's own
+    prediction (`retry`).
     """
     reference: dict
-    keep_whole: float = 0.6
+    keep_whole: float = 0.9
     min_side: float = 0.12
+    route: float = 0.8
+    min_contrast: float = 5.0
+    aperture: float = 0.9
+    refine: int = 2
+    gain: float = 1.5
     retry: bool = True
+    use_model: bool = True
 
     def __post_init__(self) -> None:
         missing = {"disc_share", "detector_gain"} - set(self.reference)
@@ -274,71 +357,122 @@ class GeometryStep:
             raise ValueError(f"geometry reference disc_share={self.reference['disc_share']} must lie in (0, 1)")
         if not 0 < self.keep_whole <= 1.5 or not 0 < self.min_side < 1:
             raise ValueError(f"geometry keep_whole={self.keep_whole} / min_side={self.min_side} out of range")
+        if (not 0 < self.route <= 1 or self.refine < 0 or not 1 <= self.gain <= 3 or self.min_contrast < 0
+                or not 0 < self.aperture <= 1):
+            raise ValueError(f"geometry route={self.route} (0, 1], refine={self.refine} >= 0, gain={self.gain} "
+                             f"[1, 3], min_contrast={self.min_contrast} >= 0, aperture={self.aperture} (0, 1]")
         self.last: dict[str, float] = {}
         self.boxes: list[tuple[Box, int]] = []  # the last call's (box, frame side) per image
 
+    def _box_at(self, cy: float, cx: float, share: float, size: int) -> Box:
+        """A square centred at (cy, cx) (fractions) in which a disc of `share` (of the frame) covers the
+        source's share; the whole frame when that square is at least keep_whole of it."""
+        side = math.sqrt(share / self.reference["disc_share"]) * size
+        if side >= self.keep_whole * size:
+            return Box.whole(size, size)
+        side = int(round(max(side, self.min_side * size)))
+        return Box(int(round(cy * size - side / 2)), int(round(cx * size - side / 2)), side)
+
     def choose_box(self, est: DiscEstimate, size: int) -> Box:
-        """The crop for an estimate in a size x size frame: disc-centred, disc share = the source's."""
+        """The crop for the detector's estimate in a size x size frame: disc-centred, disc share = the source's."""
         if not est.found:
             return Box.whole(size, size)
-        side = math.sqrt(est.share / self.reference["disc_share"]) * size
-        if side >= self.keep_whole * size:
-            return Box.whole(size, size)
-        side = int(round(max(side, self.min_side * size)))
-        return Box(int(round(est.cy * size - side / 2)), int(round(est.cx * size - side / 2)), side)
+        return self._box_at(est.cy, est.cx, est.share, size)
+
+    def _recentre(self, disc: PredictedDisc, box: Box, size: int) -> Box:
+        """The next crop from the model's disc in `box`: centre moved `gain` times the disc's offset from
+        the crop's centre (the model under-reports it), size so that the disc covers the source's share.
+        A disc cut by the crop's edge is larger than it shows: the crop widens by at least half again."""
+        c = ((box.y0 + box.side / 2) / size, (box.x0 + box.side / 2) / size)
+        cy, cx = c[0] + self.gain * (disc.cy - c[0]), c[1] + self.gain * (disc.cx - c[1])
+        share = disc.share * (2.25 if disc.edge >= 0.05 else 1.0)
+        return self._box_at(cy, cx, share, size)
 
     def _check(self, logits: torch.Tensor, box: Box, size: int) -> Box | None:
-        """None if the prediction on the crop looks like a disc at the source's scale; else the
-        corrected crop (the predicted disc re-centred at the source's share, or the whole image)."""
-        disc = torch.sigmoid(logits[0, 0]) > 0.5
-        share = disc.float().mean().item()
-        if share == 0:
+        """Without a probe: None if the prediction on the crop looks like a disc at the source's scale;
+        else the corrected crop (the predicted disc re-centred at the source's share, or the whole image)."""
+        disc = predicted_disc(logits, box, size)
+        if disc is None:
             return Box.whole(size, size)
-        edge = torch.cat([disc[0], disc[-1], disc[:, 0], disc[:, -1]]).float().mean().item()
+        share = disc.share / (box.side / size) ** 2
         ref = self.reference["disc_share"]
-        if edge < 0.05 and ref / 2 < share < ref * 2:
+        if disc.edge < 0.05 and ref / 2 < share < ref * 2:
             return None
-        ys, xs = torch.nonzero(disc, as_tuple=True)
-        scale = box.side / disc.shape[-1]
-        cy, cx = box.y0 + (ys.float().mean().item() + 0.5) * scale, box.x0 + (xs.float().mean().item() + 0.5) * scale
-        # a disc cut by the crop's edge is larger than it shows: widen by at least half again
-        grow = max(math.sqrt(share / ref), 1.5 if edge >= 0.05 else 0.0)
-        side = box.side * grow
-        if side >= self.keep_whole * size:
-            return Box.whole(size, size)
-        side = int(round(max(side, self.min_side * size)))
-        return Box(int(round(cy - side / 2)), int(round(cx - side / 2)), side)
+        return self._recentre(disc, box, size)
+
+    def plan(self, images: torch.Tensor, probe: Callable[[torch.Tensor], torch.Tensor]
+             ) -> tuple[Box, DiscEstimate, dict[str, float]]:
+        """The crop for one image [1, 3, S, S], label-free: route on the detector and the model's
+        whole-image disc, then refine on the model's disc in the crop. Returns (box, detector
+        estimate, diagnostics)."""
+        _, _, h, w = images.shape
+        est = estimate_disc(images[0], self.reference)
+        whole = Box.whole(h, w)
+        seen = predicted_disc(probe(images), whole, h)
+        ref = self.reference["disc_share"]
+        model_side = math.sqrt(seen.share / ref) if seen is not None else 0.0
+        det_side = math.sqrt(est.share / ref)
+        # the disc must be a small part of the field: it stands out by many robust spreads, or the camera's
+        # circular aperture shows (a full field). A tight crop fills the frame and its disc stands out less.
+        small_in_field = est.contrast >= self.min_contrast or est.field < self.aperture
+        wide = est.found and small_in_field and det_side < self.route * model_side
+        if wide:
+            box = self.choose_box(est, h)
+        elif seen is not None:
+            box = self._box_at(seen.cy, seen.cx, seen.share, h)
+        else:
+            box = whole
+        refined = 0
+        while refined < self.refine and not box.is_whole(h, w):
+            disc = predicted_disc(probe(_minmax(crop(images, box, h))), box, h)
+            if disc is None:  # the model sees nothing in the crop: the estimate was wrong, use the image as is
+                box = whole
+                break
+            nxt = self._recentre(disc, box, h)
+            refined += 1
+            if nxt == box:
+                break
+            box = nxt
+        return box, est, {"geo_wide": float(wide), "geo_model_side": model_side, "geo_refined": float(refined),
+                          "geo_field": est.field}
 
     def apply(self, step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-              snapshot: Callable[[], object] | None = None, restore: Callable[[object], None] | None = None
-              ) -> torch.Tensor:
+              snapshot: Callable[[], object] | None = None, restore: Callable[[object], None] | None = None,
+              probe: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Run `step` (the adapter's adapt-and-predict on [1, 3, S, S] -> logits [1, 2, S, S]) on the
-        disc's crop; returns logits in the original frame. snapshot/restore: the adapter's state, so a
-        retry on a corrected crop starts from where the wrong crop's step began."""
+        disc's crop; returns logits in the original frame. probe: the model's forward with the
+        adapter's current parameters (no adaptation, no statistics update) for placing the crop.
+        snapshot/restore: the adapter's state, so a retry starts from where the wrong crop's step began."""
         if images.shape[0] != 1:  # one crop per image; batches go image by image
             outs, boxes = [], []
             for x in images:
-                outs.append(self.apply(step, x[None], snapshot, restore))
+                outs.append(self.apply(step, x[None], snapshot, restore, probe))
                 boxes += self.boxes
             self.boxes = boxes
             return torch.cat(outs)
         _, _, h, w = images.shape
-        est = estimate_disc(images[0], self.reference)
-        box = self.choose_box(est, h)
+        if not self.use_model:
+            probe = None
+        if probe is not None:
+            box, est, extra = self.plan(images, probe)
+        else:
+            est, extra = estimate_disc(images[0], self.reference), {}
+            box = self.choose_box(est, h)
         if box.is_whole(h, w):
-            self.last = self._record(est, box, h, retried=False)
+            self.last = self._record(est, box, h, retried=False, extra=extra)
             return step(images)
         saved = snapshot() if (self.retry and snapshot is not None) else None
         logits = step(_minmax(crop(images, box, h)))
         retried = False
-        if self.retry:
-            better = self._check(logits, box, h)
+        if self.retry:  # the adapter's own answer on the crop: a crop with no disc in it goes back to the image
+            better = Box.whole(h, w) if probe is not None and predicted_disc(logits, box, h) is None else (
+                self._check(logits, box, h) if probe is None else None)
             if better is not None and better != box:
                 if restore is not None and saved is not None:
                     restore(saved)
                 box, retried = better, True
                 logits = step(images if box.is_whole(h, w) else _minmax(crop(images, box, h)))
-        self.last = self._record(est, box, h, retried)
+        self.last = self._record(est, box, h, retried, extra)
         return logits if box.is_whole(h, w) else paste(logits, box, (h, w))
 
     def to_frame(self, probs: torch.Tensor | None) -> torch.Tensor | None:
@@ -354,12 +488,13 @@ class GeometryStep:
         box, n = self.boxes[i]
         return logits if box.is_whole(n, n) else paste(logits[None], box, (n, n))[0]
 
-    def _record(self, est: DiscEstimate, box: Box, size: int, retried: bool) -> dict[str, float]:
+    def _record(self, est: DiscEstimate, box: Box, size: int, retried: bool,
+                extra: dict[str, float] | None = None) -> dict[str, float]:
         self.boxes = [(box, size)]
         return {"geo_found": float(est.found), "geo_cy": est.cy, "geo_cx": est.cx,
                 "geo_share_ratio": est.share / self.reference["disc_share"], "geo_contrast": est.contrast,
                 "geo_zoom": size / box.side, "geo_cropped": float(not box.is_whole(size, size)),
-                "geo_retried": float(retried)}
+                "geo_retried": float(retried), **(extra or {})}
 
 
 GEOMETRY_MODES = ("off", "auto")

@@ -204,3 +204,115 @@ def test_crop_protocol_summarises_a_sites_scale():
     assert p["found_share"] == 1 and 0.1 < p["relative_scale"] < 0.4
     assert abs(p["centre_y"] - 0.4) < 0.05 and abs(p["centre_x"] - 0.6) < 0.05
     assert crop_protocol([], REF)["found_share"] == 0
+
+
+# --- the two paths: the model's own disc near the source's scale, the detector's on a wider field ---------
+def _bright_model(x: torch.Tensor) -> torch.Tensor:
+    """A scale-aware stand-in for the model: the bright blob of whatever it is given."""
+    g = x.mean(1, keepdim=True)
+    return torch.where(g > 0.6 * g.amax(), 10.0, -10.0).repeat(1, 2, 1, 1)
+
+
+def _scale_blind_model(x: torch.Tensor) -> torch.Tensor:
+    """Like the real source model on a wider field: a centred disc at the reference's share of
+    whatever crop it is given, wherever the true disc is."""
+    s = x.shape[-1]
+    yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+    r = math.sqrt(REF["disc_share"] / math.pi) * s
+    disc = ((yy - s / 2) ** 2 + (xx - s / 2) ** 2) <= r * r
+    return torch.where(disc, 10.0, -10.0).expand(x.shape[0], 2, s, s).clone()
+
+
+def test_predicted_disc_is_the_largest_component_in_frame_units():
+    from grata.geometry import predicted_disc
+
+    logits = torch.full((1, 2, 64, 64), -5.0)
+    logits[0, 0, 10:30, 20:40] = 5.0  # the disc
+    logits[0, 0, 50:53, 2:5] = 5.0  # a speck that would drag the centroid
+    d = predicted_disc(logits, Box(32, 0, 64), 128)  # a crop of side 64 at (32, 0) in a 128 frame
+    assert abs(d.cy - (32 + 20) / 128) < 1e-6 and abs(d.cx - 30 / 128) < 1e-6
+    assert abs(d.share - 400 / 128 ** 2) < 1e-9 and d.edge == 0
+    assert predicted_disc(torch.full((1, 2, 8, 8), -5.0), Box(0, 0, 8), 8) is None
+
+
+def test_a_scale_blind_model_takes_the_detectors_path_and_the_crop_holds_the_disc():
+    """On a wider field the model draws a disc at its training share wherever it looks, so its
+    whole-image disc is far larger than the detector's: the crop must start from the detector."""
+    image, disc = _disc_image(0.35, 0.62, 0.06)
+    step = GeometryStep(REF)
+    box, est, info = step.plan(image[None], _scale_blind_model)
+    assert info["geo_wide"] == 1 and not box.is_whole(S, S)
+    inside = crop(disc[None, None], box, box.side, mode="nearest")
+    assert inside.sum() == disc.sum()  # the whole disc is in the crop
+    assert 0.4 < inside.mean().item() / REF["disc_share"] < 2.5
+
+
+def test_near_the_source_scale_the_crop_follows_the_models_own_disc():
+    """A disc a little smaller than the source's (Drishti_GS-like): the model's disc places the crop,
+    re-centred with the gain toward where the model sees it."""
+    image, disc = _disc_image(0.45, 0.55, 0.18)
+    step = GeometryStep(REF)
+    box, _, info = step.plan(image[None], _bright_model)
+    assert info["geo_wide"] == 0 and not box.is_whole(S, S)
+    cy, cx = (box.y0 + box.side / 2) / S, (box.x0 + box.side / 2) / S
+    assert math.hypot(cy - 0.45, cx - 0.55) < 0.03
+    inside = crop(disc[None, None], box, box.side, mode="nearest")
+    assert inside.sum() >= 0.98 * disc.sum()
+
+
+def test_a_disc_at_the_source_scale_keeps_the_whole_image_with_a_probe():
+    image, _ = _disc_image(0.5, 0.5, 0.25)
+    seen = []
+    step = GeometryStep(REF)
+    step.apply(lambda x: seen.append(x) or _bright_model(x), image[None], probe=_bright_model)
+    assert torch.equal(seen[0], image[None]) and step.last["geo_cropped"] == 0
+
+
+def test_recentring_moves_gain_times_the_offset_the_model_reports():
+    from grata.geometry import PredictedDisc
+
+    step = GeometryStep(REF, gain=2.0)
+    box = Box(32, 32, 64)  # centre (64, 64) of a 128 frame
+    disc = PredictedDisc(cy=70 / 128, cx=60 / 128, share=REF["disc_share"] * (64 / 128) ** 2, edge=0.0)
+    nxt = step._recentre(disc, box, 128)
+    assert nxt.side == 64 and (nxt.y0 + 32, nxt.x0 + 32) == (76, 56)
+    cut = step._recentre(PredictedDisc(0.5, 0.5, disc.share, edge=0.2), box, 128)
+    assert cut.side == 96  # a disc cut by the crop's edge widens the crop by half again
+
+
+def test_a_crop_in_which_the_adapter_sees_no_disc_goes_back_to_the_whole_image():
+    """The probe places a crop; the adapter's step then finds nothing in it: its state is restored and
+    the image is segmented as it is."""
+    image, _ = _disc_image(0.35, 0.62, 0.06)
+    step = GeometryStep(REF, refine=0)
+    calls, state = [], {"v": 0}
+
+    def nothing_then_whole(x):
+        calls.append(x)
+        state["v"] += 1
+        return torch.full((1, 2, S, S), -10.0)
+
+    step.apply(nothing_then_whole, image[None], snapshot=lambda: dict(state),
+               restore=lambda s: state.update(s), probe=_scale_blind_model)
+    assert len(calls) == 2 and torch.equal(calls[1], image[None])
+    assert step.last["geo_retried"] == 1 and step.last["geo_cropped"] == 0 and state["v"] == 1
+
+
+def test_geometry_options_are_validated():
+    for bad in ({"route": 0}, {"refine": -1}, {"gain": 5}, {"min_contrast": -1}):
+        with pytest.raises(ValueError, match="route="):
+            GeometryStep(REF, **bad)
+
+
+def test_a_visible_aperture_or_a_high_contrast_lets_the_detector_set_the_scale():
+    """The wider-field path needs evidence that the disc is a small part of the field. With the contrast
+    bar out of reach, a full-field image (circular aperture visible) still takes it; the same retina
+    filling the frame (a tight crop, no aperture) stays on the model's path."""
+    image, _ = _disc_image(0.4, 0.55, 0.07)
+    framed = image.clone()
+    framed[:, image.amax(0) == 0] = torch.tensor([0.6, 0.3, 0.15]).view(3, 1)  # fill the black surround with retina
+    step = GeometryStep(REF, min_contrast=1e9)
+    assert estimate_disc(image, REF).field < 0.8 and estimate_disc(framed, REF).field > 0.99
+    assert step.plan(image[None], _scale_blind_model)[2]["geo_wide"] == 1
+    assert step.plan(framed[None], _scale_blind_model)[2]["geo_wide"] == 0
+    assert GeometryStep(REF).plan(framed[None], _scale_blind_model)[2]["geo_wide"] == 1  # a clear blob suffices

@@ -282,7 +282,8 @@ class Adapter:
         if self.geometry is None:
             logits = self._judged_step(images)
         else:  # the step sees the disc's crop; logits and teacher come back in the original frame
-            logits = self.geometry.apply(self._judged_step, images, self.state_dict, self._restore_retry)
+            logits = self.geometry.apply(self._judged_step, images, self.state_dict, self._restore_retry,
+                                         probe=self._probe)
             self.last_teacher = self.geometry.to_frame(self.last_teacher)
             self.last_step.update(self.geometry.last)
         self.last_step.update(self._update_auto())
@@ -294,6 +295,12 @@ class Adapter:
                 self.last_step["guard_reset"] = float(self._check_drift(signal))
         self.images_seen += images.shape[0]
         return logits.detach().cpu()
+
+    @torch.no_grad()
+    def _probe(self, x: torch.Tensor) -> torch.Tensor:
+        """One pass with the current parameters that adapts nothing and updates no statistics: where
+        the geometry step looks for the model's own disc."""
+        return self.forward(x)
 
     # --- knowing without labels: estimate, fall back, guard ----------------------------------------------
     def _judged_step(self, images: torch.Tensor) -> torch.Tensor:
