@@ -162,6 +162,7 @@ class Site:
         resets_before = getattr(self.adapter, "guard_resets", 0)
         for sample in stream(self.dataset, self.cfg.data.get("on_error", "raise"), report, indices=indices):
             x = sample.image[None]
+            self.strategy.prepare(self, collector, x)
             logits = self.adapter.adapt_and_predict(x)
             probs = torch.sigmoid(logits)
             steps.append(dict(self.adapter.last_step))  # holds the label-free quality estimate of what was predicted

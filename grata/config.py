@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from grata.data import ImageFolder, fundus_split
+from grata.scenario import hospital, open_hospital
 from grata.synthetic import SyntheticDomain, style_of
 from grata.widefield import WideField
 
@@ -87,10 +88,20 @@ def _open_domain(cfg: DataConfig, domain: str, split: str, base: str | Path | No
         n = cfg.synthetic_train if split == "train" else cfg.synthetic_test
         return SyntheticDomain(domain, n=n, size=cfg.size, split=split, seed=cfg.seed)
     root = resolve_root(cfg.root, base)
+    if hospital(domain)[1] is not None and not _exists(cfg, root, domain, split):
+        # `<domain>-<letter>`: one of several hospitals cut from that domain (grata/scenario.py)
+        return open_hospital(domain, cfg.sites, lambda d: _open_domain(cfg, d, split, base), split, cfg.seed)
     if cfg.kind == "fundus":
         return fundus_split(root, domain, split, cfg.size)
     folder = root / domain if (root / domain).is_dir() else root
     return ImageFolder(folder, cfg.size)
+
+
+def _exists(cfg: DataConfig, root: Path, domain: str, split: str) -> bool:
+    """Whether `domain` names data of its own (a CSV or a folder), not a hospital cut from another."""
+    if cfg.kind == "fundus":
+        return (root / f"{domain}_{'train' if split == 'all' else split}.csv").is_file()
+    return (root / domain).is_dir()
 
 
 __all__ = ["DataConfig", "MethodConfig", "TrainConfig", "open_domain", "resolve_root"]

@@ -130,12 +130,12 @@ def render(size: int, style: Style, g: torch.Generator) -> tuple[torch.Tensor, t
 
 
 def style_of(domain: str) -> str:
-    """A domain's style: its name, or for `<style>-<k>` (another hospital of that style, with its own
-    images) the part before the dash."""
+    """A domain's style: its name, or for `<style>-<k>` or `<style>-<letter>` (another hospital of that
+    style, with its own images: the name seeds them) the part before the dash."""
     base, dash, k = domain.rpartition("-")
-    style = base if dash and k.isdigit() else domain
+    style = base if dash and (k.isdigit() or (len(k) == 1 and k.islower())) else domain
     if style not in STYLES:
-        raise ValueError(f"synthetic domain {domain!r}: choose one of {sorted(STYLES)}, or <style>-<k> for more sites")
+        raise ValueError(f"synthetic domain {domain!r}: choose one of {sorted(STYLES)}, or <style>-<k> / <style>-<letter> for more sites")
     return style
 
 

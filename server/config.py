@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from grata.config import MethodConfig
 from grata.federation.strategies import STRATEGIES, check_options
 from grata.privacy import ACCOUNTANTS, AGGREGATIONS
+from grata.scenario import ScenarioConfig
 from grata.train_source import TrainSourceConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -122,8 +123,19 @@ class FederateConfig(TrainSourceConfig):  # data, model, train, checkpoint: the 
     variants: list[str] = field(default_factory=lambda: [v.value for v in Variant])  # simulations.compare
     out_dir: str = "runs/federate"
     resume: str = ""  # simulations.run: the folder of an interrupted run to continue, same configuration
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)  # conf/scenario: sets data.sites per data kind
 
     def __post_init__(self) -> None:
+        if self.scenario.name:  # before the checks below: the scenario's hospitals replace data.sites
+            chosen = self.scenario.for_kind(self.data.kind)
+            self.data.sites = list(chosen.sites)
+            self.data.site_split = chosen.site_split or self.data.site_split
+            self.data.synthetic_test = chosen.images or self.data.synthetic_test
+            self.federation.rounds = chosen.rounds or self.federation.rounds
+            self.federation.join_round = {**chosen.join_round, **(self.federation.join_round or {})}
+            late = {s: r for s, r in self.federation.join_round.items() if r > self.federation.rounds}
+            if late:
+                raise ValueError(f"scenario={self.scenario.name}: {late} join after the last round {self.federation.rounds}")
         if self.engine not in ("flower", "inline"):
             raise ValueError(f"engine={self.engine!r}: choose flower or inline")
         if len(self.data.sites) < 1:

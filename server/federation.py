@@ -210,6 +210,8 @@ def federate(grid: Grid, cfg: FederateConfig, base: Path, run_dir: Path | None =
                       runs=progress["mlflow"] if progress else None, group=cfg.mlflow.group or run_dir.name,
                       datasets={str(s["name"]): dataset(s) for s in sites.values()})
     coord = progress["coordinator"] if progress else Coordinator(cfg.federation, source_refs(model))
+    # what a private variant's accept checks a release's noise against: the run's own, never the site's word
+    coord.state.setdefault("privacy", {"noise_multiplier": sigma, "metrics_share": cfg.privacy.metrics_share})
     if progress:
         print(f"  resuming {run_dir.name} after round {progress['round']} of {rounds}"
               + (": every round is done, only the report is rewritten" if first > rounds else ""))

@@ -45,18 +45,51 @@ def comparison(results: dict[str, dict], sites: list[str], source: dict[str, dic
     width = max(18 if key == "dice_mean" else 10, *(len(c) + 2 for c in cols))
     head = f"{'variant':<12}" + "".join(f"{c:>{width}}" for c in cols) + f"{'eps':>7}{'flags':>6}{'wall s':>8}"
     what = "Dice x100, mean (disc/cup)" if key == "dice_mean" else "Dice proxy x100 (no labels at the sites)"
-    lines = [f"{what} per site, image-weighted over the whole stream", head, "-" * len(head)]
+    lines = [f"{what} per site over its whole stream; mean: image-weighted over every site's images", head, "-" * len(head)]
     if source and key == "dice_mean":
-        rows = {**source, "mean": mean_row(source)}
+        rows = {**source, "mean": weighted_row(source)}
         lines.append(f"{'source':<12}" + "".join(f"{_cell(rows.get(c), key):>{width}}" for c in cols)
                      + f"{'-':>7}{'-':>6}{'-':>8}")
     for name, res in results.items():
-        rows = {**res["sites"], "mean": mean_row(res["sites"])}
+        rows = {**res["sites"], "mean": weighted_row(res["sites"])}
         cells = "".join(f"{_cell(rows.get(c), key):>{width}}" for c in cols)
         eps = rows["mean"].get("dp_epsilon")
         flags = sum(r.get("flagged", 0) for r in res["sites"].values())
         lines.append(f"{name:<12}{cells}{(f'{eps:.2f}' if eps is not None else '-'):>7}{flags:>6}{res['timing']['wall_s']:>8.0f}")
     return "\n".join(lines)
+
+
+def weighted_mean(by_site: dict[str, dict], key: str = "dice_mean") -> float | None:
+    """Image-weighted mean of a per-site figure: every image of every site counts once."""
+    pairs = [(row[key], row.get("images", 0)) for row in by_site.values() if key in row]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+WEIGHTED = ("dice_mean", "dice_disc", "dice_cup", "dice_proxy")
+
+
+def weighted_row(by_site: dict[str, dict]) -> dict[str, float]:
+    """The comparison's `mean` column: Dice (and the proxy) image-weighted over all sites' images, the
+    other figures as server.report.mean_row has them (a plain mean over sites)."""
+    row = mean_row(by_site)
+    for key in WEIGHTED:
+        value = weighted_mean(by_site, key)
+        if value is not None:
+            row[key] = value
+    return row
+
+
+def summary(results: dict[str, dict]) -> dict:
+    """summary.json: per variant the image-weighted mean Dice over the whole stream and each site's
+    stream-level Dice, {"variants": {name: {"dice_mean": m, "sites": {site: d}}}} (compare.json holds
+    the image counts that recompute dice_mean)."""
+    out = {}
+    for name, res in results.items():
+        sites = {s: row["dice_mean"] for s, row in res["sites"].items() if "dice_mean" in row}
+        if sites:
+            out[name] = {"dice_mean": weighted_mean(res["sites"]), "sites": sites}
+    return {"variants": out}
 
 
 def proxy_correlation(results: dict[str, dict]) -> float | None:
@@ -90,7 +123,7 @@ def baseline(cfg: FederateConfig, base: Path, group: str) -> dict[str, dict]:
         datasets = {site: {"kind": cfg.data.kind, "source": f"{cfg.data.kind}:{site}", "images": row["images"],
                            "labelled": True, "split": cfg.data.site_split, "size": cfg.data.size}
                     for site, row in source.items()}
-        log_source_run(cfg.mlflow, base, group, source, mean_row(source), resolved(cfg), datasets)
+        log_source_run(cfg.mlflow, base, group, source, weighted_row(source), resolved(cfg), datasets)
     return source
 
 
@@ -99,6 +132,7 @@ def write_comparison(cfg: FederateConfig, out: Path, results: dict[str, dict], s
     sites = list(cfg.data.sites)
     table = comparison(results, sites, source)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary(results), indent=2))
     (out / "compare.json").write_text(json.dumps({**results, **({"source": {"sites": source}} if source else {})},
                                                  indent=2, default=str))
     rows_of = {**({"source": source} if source else {}), **{n: r["sites"] for n, r in results.items()}}
@@ -107,9 +141,9 @@ def write_comparison(cfg: FederateConfig, out: Path, results: dict[str, dict], s
         w = csv.writer(fh)
         w.writerow(["variant", "site", *keys])
         for name, by_site in rows_of.items():
-            for site, row in {**by_site, "mean": mean_row(by_site)}.items():
+            for site, row in {**by_site, "mean": weighted_row(by_site)}.items():
                 w.writerow([name, site, *[f"{row[k]:.3f}" if k in row else "" for k in keys]])
-    bars = {name: {**{s: by_site.get(s, {}) for s in sites}, "mean": mean_row(by_site)} for name, by_site in rows_of.items()}
+    bars = {name: {**{s: by_site.get(s, {}) for s in sites}, "mean": weighted_row(by_site)} for name, by_site in rows_of.items()}
     if all("dice_mean" in b[s] for b in bars.values() for s in [*sites, "mean"]):
         dice_bars(bars, sites, out / "compare.png",
                   title=f"{cfg.data.kind} sites, {cfg.model.encoder} at {cfg.data.size} px: "

@@ -50,3 +50,25 @@ def test_hydra_multirun_ends_in_the_same_comparison(tmp_path, checkpoint):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("fedgrata").experiment_id])
     assert any(r.info.run_name == "source compare-test" for r in runs)
+
+
+def test_summary_json_is_the_image_weighted_stream_figure(tmp_path, checkpoint):
+    """summary.json holds, per variant, each site's stream Dice and their image-weighted mean, and the
+    mean recomputes from those figures and compare.json's image counts."""
+    import json
+
+    from simulations.compare import summary
+
+    cfg = tiny_config(tmp_path, checkpoint, "federation.rounds=1", "variants=[local_only]")
+    results = compare(cfg, tmp_path)
+    folder = Path(results["local_only"]["run_dir"]).parent
+    written = json.loads((folder / "summary.json").read_text())
+    counts = json.loads((folder / "compare.json").read_text())["local_only"]["sites"]
+    entry = written["variants"]["local_only"]
+    assert set(written) == {"variants"} and set(entry) == {"dice_mean", "sites"}
+    assert set(entry["sites"]) == set(cfg.data.sites)
+    recomputed = sum(d * counts[s]["images"] for s, d in entry["sites"].items()) / sum(counts[s]["images"] for s in entry["sites"])
+    assert abs(entry["dice_mean"] - recomputed) < 1e-9
+    # unequal streams: the mean weighs images, not sites (a plain site mean would be 50)
+    uneven = summary({"v": {"sites": {"a": {"dice_mean": 80.0, "images": 30}, "b": {"dice_mean": 20.0, "images": 10}}}})
+    assert uneven == {"variants": {"v": {"dice_mean": 65.0, "sites": {"a": 80.0, "b": 20.0}}}}

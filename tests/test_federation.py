@@ -172,7 +172,7 @@ def test_compare_runs_every_variant_on_the_same_sites(tmp_path, checkpoint):
 
     cfg = tiny_config(tmp_path, checkpoint, "mlflow.overlays=0")
     results = compare(cfg, tmp_path)
-    assert list(results) == ["local_only", "fed_stats", "fed_affine"]
+    assert list(results) == ["local_only", "fed_stats", "fed_affine", "fed_kin"]  # every registered variant
     for res in results.values():
         assert set(res["sites"]) == {"colour_cast", "gamma"}
     # the same sites and seed: before anything is shared (round 1), every variant sees the same Dice

@@ -14,7 +14,7 @@ from torch import nn
 
 from grata.augment import invert_views, weak_views
 from grata.geometry import build_geometry
-from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, norm_layers
+from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, gaussian_shift, norm_layers
 from grata.quality import QualityMonitor
 from grata.speed import Plan, Speed
 
@@ -158,6 +158,22 @@ class Adapter:
                 self.use_policy(StatsPolicy.named("image"))
             return {"shift_ratio": ratio, "bn_image": float(self.auto_switched)}
         return {"shift_ratio": ratio} if self.shift_reference else {}
+
+    def adopt_image_statistics(self) -> bool:
+        """bn='auto' before its own warmup decided: switch to each image's own statistics now (fed_kin, when
+        sites like this one confirm a lasting shift). True when it switched; False when not auto or done."""
+        if not self.auto or self.auto_switched:
+            return False
+        self.auto_switched = True
+        self.use_policy(StatsPolicy.named("image"))
+        return True
+
+    def stem_ratio(self, stem_m1: torch.Tensor, stem_m2: torch.Tensor) -> float:
+        """An image's stem shift over the source's own (the unit bn='auto' decides in), from the moments of
+        its first BN layer's input [1, C] (the same input whatever the adaptation state)."""
+        stem = self.norms[0]
+        return gaussian_shift(stem_m1, stem_m2 - stem_m1**2, stem.running_mean, stem.running_var).mean().item() \
+            / self.shift_reference
 
     # --- configuration -------------------------------------------------------------------------
     def collect_params(self) -> list[nn.Parameter]:

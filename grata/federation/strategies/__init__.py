@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from grata.federation.strategies.base import Arrays, RoundLog, Strategy
 from grata.federation.strategies.fed_affine import FedAffine
+from grata.federation.strategies.fed_kin import FedKin
 from grata.federation.strategies.fed_stats import FedStats
 from grata.federation.strategies.local_only import LocalOnly
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (LocalOnly(), FedStats(), FedAffine())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (LocalOnly(), FedStats(), FedAffine(), FedKin())}
 
 
 def get_strategy(name: str) -> Strategy:

@@ -6,6 +6,7 @@ One round, with the hooks in the order they run (S: at the site, C: at the coord
                                                 `first`: the site's first round (a late joiner's warm start)
   S apply(site, arrays, config)                  use what came (through the site's bounded setters)
   S begin_round(site) -> collector               per-round accumulator (e.g. private statistics)
+  S prepare(site, collector, x)                  every image x of the round, before the adapter sees it
   S observe(site, collector, x)                  every image x [1,3,H,W] of the round, after adaptation
   S site_reply(site, rnd, collector, log, out)   fill out["metrics"] and the variant's records
   -  the reply is audited against `allowed` on both sides (grata/federation/protocol.py)
@@ -96,6 +97,9 @@ class Strategy:
     def begin_round(self, site) -> Any:
         """A per-round accumulator handed to observe and site_reply (None: nothing to accumulate)."""
         return None
+
+    def prepare(self, site, collector: Any, x: torch.Tensor) -> None:
+        """Every image x [1,3,H,W] of the round, before the adapter sees it (e.g. a decision for this image)."""
 
     def observe(self, site, collector: Any, x: torch.Tensor) -> None:
         """Every image x [1,3,H,W] of the round, after the adapter has seen it."""

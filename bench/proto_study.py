@@ -1,0 +1,117 @@
+"""The prototype study behind fed_kin: which sharing could pay among sites alike? (docs/federation_scenarios.md)
+
+    python -m bench.proto_study --sites gamma-1 gamma-2 low_contrast-1@3 --images 24 --rounds 4 \
+        [--variant local|aff|caff] [--boost K] [--bn auto|image|site|mixed] [--bnw W] [--lr LR]
+
+Adapters in one process, no Flower, no privacy: `aff` averages the BN affine parameters over all
+sites after every round, `caff` within each kind (the name before the dash; a `@R` site joins in
+round R and starts from its kind's average), `--boost` scales the averaged change. Prints the Dice
+per round and site and the image-weighted mean.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from grata.adapters import build_adapter
+from grata.config import DataConfig, open_domain
+from grata.metrics import score
+from grata.models import load_checkpoint
+from grata.privacy import SourcePass, source_moments, to_relative
+
+
+def affine_of(ad):
+    return [(n.weight.detach().clone(), n.bias.detach().clone()) for n in ad.norms]
+
+
+def set_affine(ad, layers):
+    with torch.no_grad():
+        for n, (w, b) in zip(ad.norms, layers):
+            n.weight.copy_(w)
+            n.bias.copy_(b)
+
+
+def mean_layers(all_layers):
+    return [tuple(torch.stack([l[i][j] for l in all_layers]).mean(0) for j in (0, 1)) for i in range(len(all_layers[0]))]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--sites", nargs="+", required=True)  # name[@join]
+    p.add_argument("--images", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--variant", default="local")
+    p.add_argument("--boost", type=float, default=1.0)
+    p.add_argument("--kind", default="synthetic")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--ckpt", default="checkpoints/source_synthetic_clean_resnet18_128.pt")
+    p.add_argument("--out", default="")
+    p.add_argument("--bn", default="auto")
+    p.add_argument("--bnw", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    model, meta = load_checkpoint(a.ckpt)
+    opts = dict(lr=a.lr, aux="ent", pse="consis", bn=a.bn, bn_source_weight=a.bnw, dynamic_lr=True, entropy_form="reference",
+                ensemble=True, fallback=False, guard=5.0)
+    data = DataConfig(kind=a.kind, size=a.size, synthetic_test=a.images, root="/work/shared/data/fundus", source="clean")
+    sites = {}
+    for spec in a.sites:
+        name, _, join = spec.partition("@")
+        group = name.rsplit("-", 1)[0]
+        ds = open_domain(data, name, "test")
+        sites[name] = dict(group=group, join=int(join or 1), ds=ds,
+                           ad=build_adapter("grata", model, seed=0, shift_reference=meta.get("shift_reference"),
+                                            quality=meta.get("quality"), **opts), dice={})
+    src = source_moments([m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    t0 = time.perf_counter()
+    broadcast = {}
+    for rnd in range(1, a.rounds + 1):
+        for name, s in sites.items():
+            if rnd < s["join"]:
+                continue
+            span = a.rounds - s["join"] + 1
+            n = len(s["ds"])
+            lo, hi = (rnd - s["join"]) * n // span, (rnd - s["join"] + 1) * n // span
+            if rnd == s["join"] and a.variant.startswith("caff") and s["group"] in broadcast:
+                set_affine(s["ad"], broadcast[s["group"]])  # warm start
+            ds = []
+            for i in range(lo, hi):
+                smp = s["ds"][i]
+                logits = s["ad"].adapt_and_predict(smp.image[None])
+                ds.append(float(score(logits, smp.mask[None], with_asd=False)["dice_mean"][0]))
+            s["dice"][rnd] = ds
+        # aggregation
+        if a.variant in ("caff", "aff"):
+            groups = {}
+            for name, s in sites.items():
+                if rnd >= s["join"]:
+                    groups.setdefault(s["group"] if a.variant == "caff" else "all", []).append(name)
+            for g, names in groups.items():
+                avg = mean_layers([affine_of(sites[n]["ad"]) for n in names])
+                prev = broadcast.get(g)
+                if prev is not None and a.boost != 1.0:
+                    avg = [tuple(p_ + a.boost * (m - p_) for p_, m in zip(pl, ml)) for pl, ml in zip(prev, avg)]
+                broadcast[g] = avg
+                for n in names:
+                    set_affine(sites[n]["ad"], avg)
+                if a.variant == "aff":
+                    for s in sites.values():
+                        broadcast[s["group"]] = avg
+        line = " ".join(f"{n}:{sum(s['dice'].get(rnd, [float('nan')]))/max(1,len(s['dice'].get(rnd, [1]))):.1f}" for n, s in sites.items())
+        print(f"r{rnd} {time.perf_counter()-t0:.0f}s {line}", flush=True)
+    per_site = {n: sum(sum(v) for v in s["dice"].values()) / sum(len(v) for v in s["dice"].values()) for n, s in sites.items()}
+    allv = [d for s in sites.values() for v in s["dice"].values() for d in v]
+    res = {"variant": a.variant, "boost": a.boost, "sites": per_site, "mean": sum(allv) / len(allv),
+           "rounds": {n: {r: sum(v) / len(v) for r, v in s["dice"].items()} for n, s in sites.items()}}
+    print(json.dumps({k: res[k] for k in ("variant", "boost", "mean")}), {k: round(v, 1) for k, v in per_site.items()})
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
