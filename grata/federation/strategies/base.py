@@ -109,6 +109,22 @@ class Strategy:
         sends. A plain variant sends the exact summary (docs/privacy.md: not covered by any epsilon)."""
         out["metrics"].update(log.plain_metrics())
 
+    @staticmethod
+    def may_release(site, rnd: int, sigmas: Mapping[str, float], count: int, out: dict[str, Any]) -> bool:
+        """A private release's gate, the same for every private variant: enough images this round and
+        budget left under the site's own max-epsilon; when it opens, the round is accounted in the
+        site's ledger first, before anything is computed to leave. Otherwise `out["status"]` says why."""
+        if count < site.min_images:
+            out["status"] = "below_min_images" if count else "ok"
+            return False
+        if site.ledger.would_spend(list(sigmas.values()), site.cfg.delta) > site.limits.max_epsilon * (1 + 1e-9):
+            out["status"] = "budget_exhausted"  # the site keeps adapting and says why it releases nothing
+            print(f"site {site.name}: privacy budget max-epsilon {site.limits.max_epsilon:g} would be exceeded; "
+                  f"nothing released from round {rnd} on", flush=True)
+            return False
+        site.ledger.record(list(sigmas.values()))
+        return True
+
     # --- at the coordinator -----------------------------------------------------------------------------
     def accept(self, coord, reply: Mapping[str, Mapping[str, Any]], metrics: dict[str, float]) -> Any:
         """Parse and check the variant's records of an audited reply; raise ValueError if unusable."""

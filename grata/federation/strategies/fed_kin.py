@@ -70,17 +70,10 @@ class FedKin(Strategy):
 
     def site_reply(self, site, rnd: int, shifts: list[float], log: RoundLog, out: dict[str, Any]) -> None:
         """The release: noised mean stem shift and proxy mean, accounted in the site's ledger first."""
-        cfg, limits = site.cfg, site.limits
+        cfg = site.cfg
         sigmas = split(cfg.noise_multiplier, {"stem_shift": 1 - cfg.metrics_share, "dice_proxy": cfg.metrics_share})
         stds, released = {"stem_shift": 0.0, "dice_proxy": 0.0}, False
-        if len(shifts) < site.min_images:
-            out["status"] = "below_min_images" if shifts else "ok"
-        elif site.ledger.would_spend(list(sigmas.values()), cfg.delta) > limits.max_epsilon * (1 + 1e-9):
-            out["status"] = "budget_exhausted"  # the site keeps adapting and says why it releases nothing
-            print(f"site {site.name}: privacy budget max-epsilon {limits.max_epsilon:g} would be exceeded; "
-                  f"nothing released from round {rnd} on", flush=True)
-        else:
-            site.ledger.record(list(sigmas.values()))  # accounted before anything is computed to leave
+        if self.may_release(site, rnd, sigmas, len(shifts), out):
             scalars = PrivateScalars(sigmas, bounds={**SCALAR_FIELDS, **KIN_FIELDS})
             for shift, per_image in zip(shifts, log.per_image()):
                 scalars.add("stem_shift", shift)

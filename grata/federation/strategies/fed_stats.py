@@ -44,20 +44,13 @@ class FedStats(Strategy):
     def site_reply(self, site, rnd: int, stats: PrivateMoments, log: RoundLog, out: dict[str, Any]) -> None:
         """The release: noised statistics and proxy mean, accounted in the site's ledger first. The
         alignment summary, timings and the proxy's parts are not sent."""
-        cfg, limits = site.cfg, site.limits
+        cfg = site.cfg
         # one round's budget, split: BN statistics, and each declared per-image scalar field equally
         fields = list(SCALAR_FIELDS)
         shares = {"stats": 1 - cfg.metrics_share, **{f: cfg.metrics_share / len(fields) for f in fields}}
         sigmas = split(cfg.noise_multiplier, shares)
         released, proxy_std = False, 0.0
-        if stats.count < site.min_images:
-            out["status"] = "below_min_images" if stats.count else "ok"
-        elif site.ledger.would_spend(list(sigmas.values()), cfg.delta) > limits.max_epsilon * (1 + 1e-9):
-            out["status"] = "budget_exhausted"  # the site keeps adapting and says why it releases nothing
-            print(f"site {site.name}: privacy budget max-epsilon {limits.max_epsilon:g} would be exceeded; "
-                  f"nothing released from round {rnd} on", flush=True)
-        else:
-            site.ledger.record(list(sigmas.values()))  # accounted before anything is computed to leave
+        if self.may_release(site, rnd, sigmas, stats.count, out):
             stats.noise_multiplier = sigmas["stats"]
             sums, out["metrics"]["stats_images"] = stats.release()
             out["stats"] = layer_arrays([(s,) for s in sums], STATS.names)
