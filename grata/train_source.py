@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from grata.adapters.base import shift_reference
 from grata.config import DataConfig, TrainConfig, open_domain
 from grata.data import stream
-from grata.geometry import geometry_reference
+from grata.geometry import ensure_reference, geometry_reference
 from grata.losses import segmentation_loss
 from grata.metrics import score
 from grata.models import ModelConfig, ResUNet, load_checkpoint, save_checkpoint
@@ -176,21 +176,23 @@ def ensure_source(cfg: TrainSourceConfig, base: Path | None) -> Path:
     full = path if path.is_absolute() or base is None else base / path
     # a default path without its summary is a training to finish; a model the user names needs no summary
     unfinished = not cfg.checkpoint and not full.with_suffix(".json").is_file()
-    meta = {} if not full.is_file() else load_checkpoint(full)[1]
-    if not full.is_file() or unfinished or "quality" not in meta:
+    model, meta = load_checkpoint(full) if full.is_file() else (None, {})
+    if model is None or unfinished or "quality" not in meta:
         print(f"no source model (or no quality model) at {full}: training or completing it first")
         train(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=str(full)), base)
     elif not meta.get("geometry"):
-        add_geometry(full, cfg.data, base)
+        add_geometry(full, cfg.data, base, (model, meta))
     return full
 
 
-def add_geometry(path: Path, data: DataConfig, base: Path | None) -> dict:
-    """A checkpoint from before the geometry step: its source's disc scale, measured on the training
-    split's masks, written into the checkpoint (weights untouched, so a site's pinned digest holds)."""
-    model, meta = load_checkpoint(path)
-    meta["geometry"] = geometry_reference(*load_split(data, "train", base))
-    save_checkpoint(path, model, **{k: v for k, v in meta.items() if k not in ("model_config", "state_dict")})
+def add_geometry(path: Path, data: DataConfig, base: Path | None,
+                 loaded: tuple[ResUNet, dict] | None = None) -> dict:
+    """A checkpoint from before the geometry step (`loaded`: its (model, metadata) when already read):
+    its source's disc scale, measured on the training split's masks, written into the checkpoint
+    (weights untouched, so a site's pinned digest holds)."""
+    model, meta = loaded or load_checkpoint(path)
+    ensure_reference(meta, lambda: load_split(data, "train", base))
+    save_checkpoint(path, model, **meta)
     print(f"{path}: added the source's disc geometry (disc share {meta['geometry']['disc_share']:.3f})")
     return meta["geometry"]
 

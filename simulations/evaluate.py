@@ -26,8 +26,7 @@ from grata.data import StreamReport, stream
 from grata.metrics import score
 from grata.models import load_checkpoint
 from grata.progress import Progress
-from grata.geometry import ensure_reference
-from grata.train_source import TrainSourceConfig, ensure_source, load_split
+from grata.train_source import TrainSourceConfig, ensure_source
 from simulations.plots import dice_bars
 
 
@@ -128,10 +127,8 @@ def run(cfg: EvaluateConfig, base: Path | None = None) -> dict:
         raise ValueError(f"run={cfg.run}: unknown methods {unknown}; defined: {sorted(cfg.methods)}")
     torch.manual_seed(cfg.seed)
     model, meta = load_checkpoint(ensure_source(cfg, base), expect=cfg.model)
-    ref, quality = meta.get("shift_reference"), meta.get("quality")
-    geo = None
-    if any(cfg.methods[name].options.get("geometry", "off") != "off" for name in cfg.run):
-        geo = ensure_reference(meta, lambda: load_split(cfg.data, "train", base))
+    # ensure_source completed the checkpoint: its shift reference, quality model and disc geometry
+    ref, quality, geo = meta.get("shift_reference"), meta.get("quality"), meta.get("geometry")
     for name in cfg.run:  # fail on a bad option before any long work
         build_adapter(cfg.methods[name].adapter, model, shift_reference=ref, quality=quality, geometry_reference=geo,
                       **cfg.methods[name].options)
