@@ -355,6 +355,8 @@ class GeometryStep:
             raise ValueError(f"geometry reference lacks {sorted(missing)} (checkpoint metadata 'geometry')")
         if not 0 < self.reference["disc_share"] < 1:
             raise ValueError(f"geometry reference disc_share={self.reference['disc_share']} must lie in (0, 1)")
+        if not 0 < self.reference["detector_gain"] < math.inf:  # it may come over the wire with the model
+            raise ValueError(f"geometry reference detector_gain={self.reference['detector_gain']} must be finite and > 0")
         if not 0 < self.keep_whole <= 1.5 or not 0 < self.min_side < 1:
             raise ValueError(f"geometry keep_whole={self.keep_whole} / min_side={self.min_side} out of range")
         if (not 0 < self.route <= 1 or self.refine < 0 or not 1 <= self.gain <= 3 or self.min_contrast < 0
@@ -507,6 +509,6 @@ def build_geometry(mode: str, reference: dict | None, **options) -> GeometryStep
     if mode == "off":
         return None
     if not reference:
-        raise ValueError("geometry='auto' needs the source's disc geometry (checkpoint metadata 'geometry', "
-                         "computed from the source's training split by grata.geometry.ensure_reference)")
+        raise ValueError("geometry='auto' needs the source's disc geometry (checkpoint metadata 'geometry': "
+                         "grata.train_source writes it, and ensure_source adds it to an older checkpoint)")
     return GeometryStep(reference, **options)

@@ -136,6 +136,9 @@ def test_reference_from_source_masks_and_clear_errors():
         geometry_reference(images, torch.zeros_like(masks))
     with pytest.raises(ValueError, match="geometry='auto' needs"):
         build_geometry("auto", None)
+    for gain in (0.0, -1.0, float("nan"), float("inf")):  # a reference sent with the model is checked, not trusted
+        with pytest.raises(ValueError, match="detector_gain"):
+            build_geometry("auto", {**ref, "detector_gain": gain})
     with pytest.raises(ValueError, match="geometry='sometimes'"):
         build_geometry("sometimes", ref)
     assert build_geometry("off", None) is None
