@@ -97,24 +97,37 @@ class SourcePass:
             p.requires_grad_(False)
         self.norms = [m for m in self.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._wanted = len(self.norms)
         for layer in self.norms:
             layer.register_forward_pre_hook(self._hook)
 
     def _hook(self, _module, inputs) -> None:
         x = inputs[0].float()
         self._seen.append((x.mean((2, 3)), (x * x).mean((2, 3))))
+        if len(self._seen) == self._wanted:
+            raise _EnoughLayers  # the rest of the network would compute nothing anyone reads
 
     def refs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return source_moments(self.norms)
 
     @torch.no_grad()
-    def moments(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        self._seen = []
-        self.model(x.float())
+    def moments(self, x: torch.Tensor, first: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every BN layer's input moments, in the order the forward meets them; first=k: only the first
+        k layers', and the forward stops there (fed_kin reads the stem's alone)."""
+        self._seen, self._wanted = [], first or len(self.norms)
+        try:
+            self.model(x.float())
+        except _EnoughLayers:
+            pass
         seen, self._seen = self._seen, []
-        if len(seen) != len(self.norms):
-            raise RuntimeError(f"source pass saw {len(seen)} BN inputs, the model has {len(self.norms)} BN layers")
+        if len(seen) != self._wanted:
+            raise RuntimeError(f"source pass saw {len(seen)} BN inputs, expected {self._wanted} of its "
+                               f"{len(self.norms)} BN layers")
         return seen
+
+
+class _EnoughLayers(Exception):
+    """Raised inside a SourcePass forward once the moments asked for are seen."""
 
 
 def source_moments(norms) -> list[tuple[torch.Tensor, torch.Tensor]]:

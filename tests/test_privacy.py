@@ -154,3 +154,21 @@ def test_affine_average_is_weighted():
     assert coord.strategy.weight(coord, {"images": 10, "align_cos_mean": 0.0}) == 10
     aligned = Coordinator(FederationConfig(variant=Variant.fed_affine, affine_weighting=AffineWeighting.alignment), REFS)
     assert aligned.strategy.weight(aligned, {"images": 10, "align_cos_mean": 0.0}) == pytest.approx(2.5)
+
+
+def test_a_source_pass_asked_for_the_first_layers_stops_there_with_the_same_moments():
+    """fed_kin reads only the stem's input: moments(x, first=1) equals the full pass's first layer exactly,
+    and the layers after it are never run."""
+    from grata.models import ModelConfig, ResUNet
+    from grata.privacy import SourcePass
+
+    torch.manual_seed(0)
+    source = SourcePass(ResUNet(ModelConfig(encoder="resnet18", decoder_width=16)))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    full = source.moments(x)
+    ran = []
+    source.norms[1].register_forward_pre_hook(lambda *_: ran.append(1))
+    first = source.moments(x, first=1)
+    assert len(first) == 1 and not ran
+    torch.testing.assert_close(first[0], full[0], rtol=0, atol=0)
+    assert len(source.moments(x)) == len(source.norms) and ran  # the full pass is unchanged afterwards

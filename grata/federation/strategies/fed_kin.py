@@ -62,7 +62,7 @@ class FedKin(Strategy):
 
     def prepare(self, site, shifts: list[float], x: torch.Tensor) -> None:
         adapter = site.adapter
-        stem = site.source_pass.moments(x)[0]
+        stem = site.source_pass.moments(x, first=1)[0]  # the stem's input: the forward stops there
         shift = log_shift(adapter.stem_ratio(*stem)) if adapter.shift_reference else 0.0
         shifts.append(shift)
         if site.kin and confirms(shift, site.kin, adapter.shift_threshold, adapter.auto_warmup):
