@@ -18,7 +18,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The main job: the source row, then local_only, fed_stats and fed_affine across four synthetic sites (Flower
+# The main job: the source row, then every federation variant (local_only, fed_stats, fed_affine, fed_kin) across four synthetic sites (Flower
 # simulations, MLflow in ./mlflow.db); the first run trains the small source model (conf/data/demo.yaml: 96 px, 1 thread)
 demo: $(STAMP)
 	$(BIN)/python -m simulations.compare
