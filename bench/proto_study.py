@@ -1,12 +1,19 @@
 """The prototype study behind fed_kin: which sharing could pay among sites alike? (docs/federation_scenarios.md)
 
     python -m bench.proto_study --sites gamma-1 gamma-2 low_contrast-1@3 --images 24 --rounds 4 \
-        [--variant local|aff|caff] [--boost K] [--bn auto|image|site|mixed] [--bnw W] [--lr LR]
+        [--variant local|aff|caff] [--boost K] [--bn auto|image|site|mixed] [--bnw W] [--lr LR] \
+        [--lookahead none|local|kin] [--early none|own|kin --early-layers K --early-w W]
 
 Adapters in one process, no Flower, no privacy: `aff` averages the BN affine parameters over all
 sites after every round, `caff` within each kind (the name before the dash; a `@R` site joins in
-round R and starts from its kind's average), `--boost` scales the averaged change. Prints the Dice
-per round and site and the image-weighted mean.
+round R and starts from its kind's average), `--boost` scales the averaged change. `--lookahead`:
+before a round's images are segmented, bn=auto's switch is decided from the round's exact stem
+shifts and those of the site's earlier rounds (`local`, the control), or those of every active
+site of its kind (`kin`).
+`--early`: the first K BN layers mix in the running source-pass statistics of the site's own images
+so far (`own`, the control) or its kind's (`kin`). The kin versions share exact values: an upper
+bound on what a private release of the same thing could give. Prints the Dice per round and site
+and the image-weighted mean.
 """
 from __future__ import annotations
 
@@ -53,6 +60,14 @@ def main(argv=None):
     p.add_argument("--bn", default="auto")
     p.add_argument("--bnw", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lookahead", default="none", choices=["none", "local", "kin"],
+                   help="before a round's images: decide bn=auto's switch from the round's exact stem shifts, "
+                        "the site's own (local) or its kind's active sites' (kin, exact: an upper bound)")
+    p.add_argument("--early", default="none", choices=["none", "own", "kin"],
+                   help="the first --early-layers BN layers mix in running source-pass statistics (share --early-w): "
+                        "the site's own images so far, or its kind's (exact: an upper bound)")
+    p.add_argument("--early-layers", type=int, default=1)
+    p.add_argument("--early-w", type=float, default=0.5)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     model, meta = load_checkpoint(a.ckpt)
@@ -67,6 +82,7 @@ def main(argv=None):
         sites[name] = dict(group=group, join=int(join or 1), ds=ds,
                            ad=build_adapter("grata", model, seed=0, shift_reference=meta.get("shift_reference"),
                                             quality=meta.get("quality"), **opts), dice={})
+    spass = SourcePass(model)
     src = source_moments([m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
     t0 = time.perf_counter()
     broadcast = {}
@@ -79,9 +95,40 @@ def main(argv=None):
             lo, hi = (rnd - s["join"]) * n // span, (rnd - s["join"] + 1) * n // span
             if rnd == s["join"] and a.variant.startswith("caff") and s["group"] in broadcast:
                 set_affine(s["ad"], broadcast[s["group"]])  # warm start
+            s["span"] = (lo, hi)
+        if a.lookahead != "none":  # phase 1: the round's exact stem shifts, before any image is segmented
+            for name, s in sites.items():
+                if rnd < s["join"]:
+                    continue
+                # every image of the site so far, this round's included (the same decision rule as bn=auto's)
+                s.setdefault("ratios", []).extend(s["ad"].stem_ratio(*spass.moments(s["ds"][i].image[None], first=1)[0])
+                                                  for i in range(*s["span"]))
+            for name, s in sites.items():
+                if rnd < s["join"]:
+                    continue
+                pool_ = s["ratios"] if a.lookahead == "local" else [
+                    r for o in sites.values() if o["group"] == s["group"] and rnd >= o["join"] for r in o["ratios"]]
+                ad = s["ad"]
+                if len(pool_) >= ad.auto_warmup and sum(pool_) / len(pool_) > ad.shift_threshold:
+                    ad.adopt_image_statistics()
+        for name, s in sites.items():
+            if rnd < s["join"]:
+                continue
+            lo, hi = s["span"]
             ds = []
             for i in range(lo, hi):
                 smp = s["ds"][i]
+                if a.early != "none":
+                    k = a.early_layers
+                    mine = spass.moments(smp.image[None], first=k)
+                    s.setdefault("early", []).append([(m1[0], m2[0]) for m1, m2 in mine])
+                    rows = s["early"] if a.early == "own" else [
+                        e for o in sites.values() if o["group"] == s["group"] for e in o.get("early", [])]
+                    pooled = [tuple(torch.stack([r[j][t] for r in rows]).mean(0) for t in (0, 1)) for j in range(k)]
+                    ad = s["ad"]
+                    full = pooled + [(n.running_mean.clone(), n.running_var.clone() + n.running_mean**2)
+                                     for n in ad.norms[k:]]
+                    ad.set_pooled(full, [a.early_w] * k + [0.0] * (len(ad.norms) - k))
                 logits = s["ad"].adapt_and_predict(smp.image[None])
                 ds.append(float(score(logits, smp.mask[None], with_asd=False)["dice_mean"][0]))
             s["dice"][rnd] = ds
