@@ -60,9 +60,14 @@ def main(argv=None):
     p.add_argument("--bn", default="auto")
     p.add_argument("--bnw", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lookahead", default="none", choices=["none", "local", "kin"],
+    p.add_argument("--lookahead", default="none", choices=["none", "local", "kin", "kin_dp"],
                    help="before a round's images: decide bn=auto's switch from the round's exact stem shifts, "
                         "the site's own (local) or its kind's active sites' (kin, exact: an upper bound)")
+    p.add_argument("--dp-epsilon", type=float, default=8.0,
+                   help="kin_dp: each site releases, every round, the noised share of its round's images whose "
+                        "stem shift ratio exceeds the threshold (sensitivity 1), at this epsilon over the run")
+    p.add_argument("--dp-releases", type=int, default=0,
+                   help="kin_dp: release only in the first R rounds, the run's budget spread over them (0: every round)")
     p.add_argument("--early", default="none", choices=["none", "own", "kin"],
                    help="the first --early-layers BN layers mix in running source-pass statistics (share --early-w): "
                         "the site's own images so far, or its kind's (exact: an upper bound)")
@@ -86,6 +91,11 @@ def main(argv=None):
     src = source_moments([m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
     t0 = time.perf_counter()
     broadcast = {}
+    if a.lookahead == "kin_dp":
+        from grata.privacy import calibrate
+        releases = a.dp_releases or a.rounds
+        sigma = calibrate(a.dp_epsilon, 1e-5, releases)  # the run's budget spread evenly over the releases
+        noise = torch.Generator().manual_seed(1)
     for rnd in range(1, a.rounds + 1):
         for name, s in sites.items():
             if rnd < s["join"]:
@@ -103,8 +113,27 @@ def main(argv=None):
                 # every image of the site so far, this round's included (the same decision rule as bn=auto's)
                 s.setdefault("ratios", []).extend(s["ad"].stem_ratio(*spass.moments(s["ds"][i].image[None], first=1)[0])
                                                   for i in range(*s["span"]))
+                if a.lookahead == "kin_dp" and rnd <= releases:
+                    n = s["span"][1] - s["span"][0]
+                    share = sum(r > s["ad"].shift_threshold for r in s["ratios"][-n:]) / n
+                    sd = sigma / n
+                    s["release"] = (share + float(torch.randn((), generator=noise)) * sd, n, sd)
             for name, s in sites.items():
                 if rnd < s["join"]:
+                    continue
+                if a.lookahead == "kin_dp":
+                    # own exact evidence so far + every other active site's noised share of this round
+                    ad = s["ad"]
+                    rows = [o["release"] for o in sites.values() if o is not s and rnd >= o["join"]]
+                    if rnd > releases or not rows:
+                        continue  # the budget is spent: the site decides as bn=auto does
+                    w = [1 / sd**2 for _, _, sd in rows]
+                    pooled = sum(wi * m for wi, (m, _, _) in zip(w, rows)) / sum(w)
+                    pooled_sd = sum(w) ** -0.5
+                    own = s["ratios"]
+                    if (sum(own) / len(own) > ad.shift_threshold and pooled - 2 * pooled_sd > 0.5
+                            and len(own) + sum(n for _, n, _ in rows) >= ad.auto_warmup):
+                        ad.adopt_image_statistics()
                     continue
                 pool_ = s["ratios"] if a.lookahead == "local" else [
                     r for o in sites.values() if o["group"] == s["group"] and rnd >= o["join"] for r in o["ratios"]]
