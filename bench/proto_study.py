@@ -60,6 +60,7 @@ def main(argv=None):
     p.add_argument("--bn", default="auto")
     p.add_argument("--bnw", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=4, help="bn=auto's auto_warmup (images before it may switch)")
     p.add_argument("--lookahead", default="none", choices=["none", "local", "kin", "kin_dp"],
                    help="before a round's images: decide bn=auto's switch from the round's exact stem shifts, "
                         "the site's own (local) or its kind's active sites' (kin, exact: an upper bound)")
@@ -77,7 +78,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     model, meta = load_checkpoint(a.ckpt)
     opts = dict(lr=a.lr, aux="ent", pse="consis", bn=a.bn, bn_source_weight=a.bnw, dynamic_lr=True, entropy_form="reference",
-                ensemble=True, fallback=False, guard=5.0)
+                ensemble=True, fallback=False, guard=5.0,
+                auto_warmup=a.warmup)
     data = DataConfig(kind=a.kind, size=a.size, synthetic_test=a.images, root="/work/shared/data/fundus", source="clean")
     sites = {}
     for spec in a.sites:
