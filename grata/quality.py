@@ -340,3 +340,70 @@ def fit_quality(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tenso
     fitted = QualityModel.fit(rows, [r["dice"] for r in rows], list(FEATURES))
     fitted.info.update(images=len(idx), copies=copies, seed=seed, dice_mean=float(np.mean([r["dice"] for r in rows])))
     return fitted.to_dict()
+
+
+# --- the crop against the frame: is the disc where, and as large as, the frame says? ------------------------
+def _disc_blob(prob: torch.Tensor) -> np.ndarray:
+    """The largest connected component of a disc probability map [H, W] > 0.5, as a bool mask."""
+    mask = (prob > 0.5).numpy()
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == int(sizes.argmax()) + 1
+
+
+def _centre(mask: np.ndarray) -> tuple[float, float, float]:
+    """(cy, cx, equivalent radius) of a bool mask [H, W] as fractions of its side (radius 0: empty)."""
+    if not mask.any():
+        return 0.5, 0.5, 0.0
+    ys, xs = np.nonzero(mask)
+    s = mask.shape[0]
+    return (ys.mean() + 0.5) / s, (xs.mean() + 0.5) / s, math.sqrt(mask.mean() / math.pi)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+def frame_features(disc_prob: torch.Tensor, box: tuple[int, int, int] | None, probe_disc: torch.Tensor | None,
+                   detector: tuple[float, float, float] | None) -> dict[str, float]:
+    """Label-free consistency of a prediction's disc with the frame it was cut from.
+
+    disc_prob: the returned disc probabilities in the original frame [S, S]; box: (y0, x0, side) of the
+    crop it was segmented on (None: the whole frame); probe_disc: the source model's disc probabilities
+    on the whole frame [S, S] (None: not available); detector: the classical detector's disc
+    (cy, cx, radius) as fractions of the side (grata.geometry.estimate_disc), None if it found none.
+    Returns, with "geo_" keys:
+      crop_offset  distance of the disc's centre from the crop's centre / crop side (a misplaced crop
+                   shows the disc off-centre: the model was trained on disc-centred crops);
+      crop_edge    share of the crop's border the disc touches (a disc cut by the crop);
+      crop_share   the disc's share of the crop (the source's is geometry_reference's disc_share);
+      det_scale    |log(predicted / detector disc radius)|, det_shift the centres' distance / detector
+                   radius, det_iou the IoU with the detector's circle (2, 2, 0 without a detector disc);
+      probe_*      the same against the source model's whole-frame disc.
+    """
+    s = disc_prob.shape[-1]
+    blob = _disc_blob(disc_prob.float().cpu())
+    cy, cx, r = _centre(blob)
+    f: dict[str, float] = {"geo_pred_radius": r}
+    y0, x0, side = box if box is not None else (0, 0, s)
+    ccy, ccx = (y0 + side / 2) / s, (x0 + side / 2) / s
+    f["geo_crop_offset"] = math.hypot(cy - ccy, cx - ccx) * s / side if blob.any() else 0.5
+    f["geo_crop_share"] = r * r * math.pi * (s / side) ** 2
+    # the disc's pixels on the crop's border rows and columns, inside the frame
+    ys0, ys1, xs0, xs1 = max(y0, 0), min(y0 + side, s) - 1, max(x0, 0), min(x0 + side, s) - 1
+    border = np.concatenate([blob[ys0, xs0:xs1 + 1], blob[ys1, xs0:xs1 + 1], blob[ys0:ys1 + 1, xs0], blob[ys0:ys1 + 1, xs1]])
+    f["geo_crop_edge"] = float(border.mean()) if border.size else 0.0
+    yy, xx = (np.mgrid[:s, :s] + 0.5) / s
+    for name, other in (("det", detector), ("probe", None if probe_disc is None else _centre(_disc_blob(probe_disc.float().cpu())))):
+        if other is None or other[2] <= 0 or not blob.any():
+            f[f"geo_{name}_scale"], f[f"geo_{name}_shift"], f[f"geo_{name}_iou"] = 2.0, 2.0, 0.0
+            continue
+        oy, ox, orad = other
+        f[f"geo_{name}_scale"] = abs(math.log(r / orad))
+        f[f"geo_{name}_shift"] = math.hypot(cy - oy, cx - ox) / orad
+        circle = ((yy - oy) ** 2 + (xx - ox) ** 2) <= orad ** 2
+        f[f"geo_{name}_iou"] = _iou(blob, circle if name == "det" else _disc_blob(probe_disc.float().cpu()))
+    return f

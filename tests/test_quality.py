@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from grata.adapters import build_adapter
-from grata.quality import (FEATURES, QualityModel, derived, ellipse_iou, features, simulate_shift, solidity,
-                           source_references)
+from grata.quality import (FEATURES, QualityModel, derived, ellipse_iou, features, frame_features, simulate_shift,
+                           solidity, source_references)
 
 yy, xx = np.mgrid[:64, :64]
 
@@ -53,6 +53,25 @@ def test_source_references_map_back_to_the_image_frame():
         assert seen[16:48, 16:48].all()
         agree = ((ref[0, 0] > 0.5) == truth)[seen].float().mean()
         assert agree > 0.97
+
+
+def test_frame_consistency_drops_when_the_crop_is_displaced_or_the_disc_disagrees_with_the_frame():
+    disc = torch.from_numpy(ellipse(32, 32, 8, 8).astype(np.float32))  # a disc at the frame's centre, radius 1/8
+    det = (32.5 / 64, 32.5 / 64, 8 / 64)  # the detector agrees
+    centred = frame_features(disc, (16, 16, 32), disc, det)
+    assert centred["geo_crop_offset"] < 0.05 and centred["geo_crop_edge"] == 0.0
+    assert centred["geo_det_iou"] > 0.85 and centred["geo_det_scale"] < 0.1 and centred["geo_probe_iou"] == 1.0
+    displaced = frame_features(disc, (24, 4, 32), disc, det)  # the crop slid off the disc: it cuts it
+    assert displaced["geo_crop_offset"] > 0.3 > centred["geo_crop_offset"]
+    assert displaced["geo_crop_edge"] > 0.0
+    # the model drew a disc twice the size the detector and the whole-frame probe see
+    big = torch.from_numpy(ellipse(32, 32, 16, 16).astype(np.float32))
+    wrong = frame_features(big, (0, 0, 64), disc, det)
+    assert wrong["geo_det_scale"] > 0.6 and wrong["geo_det_iou"] < 0.3 and wrong["geo_probe_iou"] < 0.3
+    elsewhere = frame_features(disc, None, None, (10 / 64, 54 / 64, 8 / 64))  # the detector's disc is elsewhere
+    assert elsewhere["geo_det_iou"] == 0.0 and elsewhere["geo_det_shift"] > 3
+    none = frame_features(disc, None, None, None)  # no detector disc, no probe: the least consistent values
+    assert none["geo_det_iou"] == 0.0 and none["geo_probe_scale"] == 2.0
 
 
 def test_fit_is_monotone_in_its_evidence_and_clipped():
