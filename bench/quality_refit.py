@@ -1,5 +1,5 @@
-"""Refit a checkpoint's quality model through the geometry step (grata.quality.fit_quality, version 2)
-into a copy, weights untouched: what `ensure_source` does to an older checkpoint, on a named file.
+"""Refit a checkpoint's quality model (grata.quality.fit_quality, version 2) into a copy,
+weights untouched: what `ensure_source` does to an older checkpoint, on a named file.
 
     python -m bench.quality_refit --checkpoint <old.pt> --out <new.pt> [--root /work/shared/data/fundus]
 """
@@ -23,12 +23,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--images", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--copies", type=int, default=0, help="shifted copies scored only for the record")
     args = ap.parse_args()
     model, meta = load_checkpoint(args.checkpoint)
     images, masks = _stack(open_split(args.data, args.root, SOURCE[args.data], "train", args.size))
     ensure_reference(meta, lambda: (images, masks))
     t0 = time.perf_counter()
-    meta["quality"] = fit_quality(model.eval(), images, masks, limit=args.images, seed=args.seed, geometry=meta["geometry"])
+    meta["quality"] = fit_quality(model.eval(), images, masks, limit=args.images, seed=args.seed, copies=args.copies)
     save_checkpoint(args.out, model, **meta)
     q = meta["quality"]
     print(f"{args.out}: quality v{q['info']['version']} on {q['info']['images']} images "

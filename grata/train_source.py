@@ -147,11 +147,9 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
     if "geometry" not in meta:  # the source's disc scale, for the geometry step (grata/geometry.py)
         meta["geometry"] = geometry_reference(images, masks)
     if quality_version(meta.get("quality")) < QUALITY_VERSION:
-        # the label-free Dice estimate, fitted on these labelled images under simulated acquisition and
-        # geometry shifts, through the geometry step (grata/quality.py)
+        # the label-free Dice estimate, its level read on these labelled images (grata/quality.py)
         t0 = time.perf_counter()
-        meta["quality"] = fit_quality(model.eval(), images, masks, limit=cfg.train.quality_images, seed=cfg.train.seed,
-                                      geometry=meta["geometry"])
+        meta["quality"] = fit_quality(model.eval(), images, masks, limit=cfg.train.quality_images, seed=cfg.train.seed)
         print(f"quality model fitted on {meta['quality']['info']['images']} source images "
               f"({time.perf_counter() - t0:.0f}s)")
     save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,
@@ -190,16 +188,15 @@ def ensure_source(cfg: TrainSourceConfig, base: Path | None) -> Path:
 
 def add_quality(path: Path, data: DataConfig, train_cfg: TrainConfig, base: Path | None,
                 loaded: tuple[ResUNet, dict] | None = None) -> dict:
-    """A checkpoint whose quality model predates the geometry step (or is missing): refit it on the
-    training split through the geometry step (grata.quality.fit_quality) and write it into the
-    checkpoint, weights untouched (a site's pinned digest of the weights holds). Needs "geometry"."""
+    """A checkpoint whose quality model is older than QUALITY_VERSION: refit it on the training split
+    (grata.quality.fit_quality) and write it into the checkpoint, weights untouched (a site's pinned
+    digest of the weights holds)."""
     model, meta = loaded or load_checkpoint(path)
     images, masks = load_split(data, "train", base)
     t0 = time.perf_counter()
-    meta["quality"] = fit_quality(model.eval(), images, masks, limit=train_cfg.quality_images, seed=train_cfg.seed,
-                                  geometry=meta["geometry"])
+    meta["quality"] = fit_quality(model.eval(), images, masks, limit=train_cfg.quality_images, seed=train_cfg.seed)
     save_checkpoint(path, model, **meta)
-    print(f"{path}: refitted the quality model through the geometry step (version {QUALITY_VERSION}, "
+    print(f"{path}: refitted the quality model (version {QUALITY_VERSION}, "
           f"{meta['quality']['info']['images']} images, {time.perf_counter() - t0:.0f}s)")
     return meta["quality"]
 

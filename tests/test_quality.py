@@ -262,52 +262,31 @@ def test_a_collapsing_site_in_the_federation_falls_back_is_flagged_and_its_guard
 
 
 def test_an_old_checkpoint_gets_the_geometry_aware_quality_model_written_weights_unchanged(tmp_path):
-    """ensure_source refits a quality model from before the geometry step (version 1: crop signals only)
-    through the geometry step, into the file, without touching the weights; a second call leaves it."""
+    """ensure_source refits a quality model of version 1 (the ridge over four signals) into the file as
+    version 2 (expected Dice + the source's offset), without touching the weights; a second call leaves it."""
     import grata.train_source as ts
     from grata.config import DataConfig
     from grata.federation.siteconfig import weights_digest
     from grata.models import ModelConfig, load_checkpoint
-    from grata.quality import FRAME_FEATURES, QUALITY_VERSION, quality_version
+    from grata.quality import ESTIMATE, QUALITY_VERSION, quality_version
     from tests.conftest import SIZE, tiny_source
 
     path = tiny_source(tmp_path / "old.pt", shift_reference=1.0)
     path.with_suffix(".json").write_text("{}")
     before, meta = load_checkpoint(path)
-    assert quality_version(meta["quality"]) == 1 and not QualityModel.from_dict(meta["quality"]).needs_frame
+    meta["quality"]["info"].pop("version")  # a checkpoint written before versions existed
+    from grata.models import save_checkpoint
+    save_checkpoint(path, before, **meta)
+    assert quality_version(meta["quality"]) == 1
     data = DataConfig(kind="synthetic", size=SIZE, synthetic_train=4)
     cfg = ts.TrainSourceConfig(data=data, model=ModelConfig(encoder="resnet18", decoder_width=16), checkpoint=str(path))
     assert ts.ensure_source(cfg, None) == path
     after, meta = load_checkpoint(path)
     assert weights_digest(after) == weights_digest(before)
     q = meta["quality"]
-    assert quality_version(q) == QUALITY_VERSION and set(FRAME_FEATURES) <= set(q["names"])
-    assert q["info"]["images"] == 4 and len(q["coef"]) == len(q["names"])
+    assert quality_version(q) == QUALITY_VERSION and q["names"] == list(ESTIMATE) and q["info"]["images"] == 4
+    assert q["coef"] == [1.0] and q["mean"] == [0.0] and q["scale"] == [1.0]  # the signal's own ranking, shifted
     stamp = path.stat().st_mtime_ns
     ts.ensure_source(cfg, None)
     assert path.stat().st_mtime_ns == stamp  # already current: not refitted again
 
-
-def test_frame_signals_see_what_the_crop_cannot(tiny_model):
-    """With the geometry step, a model reading the whole-frame signals gets them from the source model on
-    the whole frame: on a cropped image they differ from the crop's, on an uncropped one they are copied."""
-    from grata.quality import FRAME_FEATURES, QualityMonitor
-    from grata.speed import Plan, Speed
-
-    names = [*FEATURES, *FRAME_FEATURES]
-    model = QualityModel(names, [0.0] * 8, [1.0] * 8, [1.0] * 8, 50.0)
-    assert model.needs_frame
-    monitor = QualityMonitor(tiny_model, model, Plan.resolve(Speed.named("fast"), torch.device("cpu")))
-    g = torch.Generator().manual_seed(0)
-    frame = torch.rand(1, 3, 32, 32, generator=g)
-    crop = torch.nn.functional.interpolate(frame[..., 4:20, 10:26], size=(32, 32), mode="bilinear")
-    logits = 4 * torch.randn(1, 2, 32, 32, generator=g)
-    fa, _, _ = monitor.crop_features(crop, logits)
-    same = monitor.with_frame(frame, False, [logits[0]], fa)[0]
-    assert all(same[f"frame_{n}"] == same[n] for n in FEATURES)
-    framed = monitor.with_frame(frame, True, [logits[0]], fa)[0]
-    assert any(abs(framed[f"frame_{n}"] - framed[n]) > 1e-3 for n in FEATURES)
-    old = QualityModel.from_dict({**model.to_dict(), "names": list(FEATURES), "mean": [0.0] * 4, "scale": [1.0] * 4,
-                                  "coef": [1.0] * 4})
-    monitor.quality = old  # a version-1 model pays for no frame pass and sees no frame feature
-    assert monitor.with_frame(frame, True, [logits[0]], fa)[0] == fa[0]

@@ -324,22 +324,19 @@ class Adapter:
         return logits
 
     def _decide(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Per image, in the original frame: estimate the adapted and the source predictions' Dice (adding
-        the whole-frame signals where the quality model reads them), keep the adapted one unless the
-        source's estimate leads by more than fallback_margin (fallback=True), and record quality (of what
-        is returned), quality_source, quality_gain (mean adapted - source), fallback, and last_candidates:
-        (adapted, source) logits in the original frame. images [B,3,H,W] and logits [B,2,H,W]: the frame's."""
+        """Per image: estimate the adapted and the source predictions' Dice from their crop-level features,
+        keep the adapted one unless the source's estimate leads by more than fallback_margin
+        (fallback=True), and record quality (of what is returned), quality_source, quality_gain (mean
+        adapted - source), fallback, and last_candidates: (adapted, source) logits in the original frame.
+        images [B,3,H,W], logits [B,2,H,W]: the original frame's (the choice is made there, after the
+        geometry step mapped both candidates back)."""
         feats, feats_src, adapted, source = zip(*self._verdicts)
-        cropped = [False] * len(adapted)
         if self.geometry is not None:
             adapted = [self.geometry.logits_to_frame(a, i) for i, a in enumerate(adapted)]
             source = [self.geometry.logits_to_frame(s, i) for i, s in enumerate(source)]
-            cropped = [not box.is_whole(n, n) for box, n in self.geometry.boxes]
-        judged = [self.monitor.with_frame(images[i:i + 1], c, [a, s], [fa, fs])
-                  for i, (c, a, s, fa, fs) in enumerate(zip(cropped, adapted, source, feats, feats_src))]
-        self.monitor.last_features = {"adapted": [j[0] for j in judged], "source": [j[1] for j in judged]}
-        est = [self.monitor.quality.predict(j[0]) for j in judged]
-        est_src = [self.monitor.quality.predict(j[1]) for j in judged]
+        self.monitor.last_features = {"adapted": list(feats), "source": list(feats_src)}  # for studies
+        est = [self.monitor.quality.predict(f) for f in feats]
+        est_src = [self.monitor.quality.predict(f) for f in feats_src]
         use_src = [self.fallback and s - a > self.fallback_margin for a, s in zip(est, est_src)]
         self.last_candidates = (torch.stack(adapted), torch.stack(source))  # what the choice was between
         if any(use_src):
