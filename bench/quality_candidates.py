@@ -71,11 +71,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dumps", type=Path, default=Path("bench/results"))
     ap.add_argument("--checkpoint", default="checkpoints/source_fundus_RIM_ONE_r2_resnet34_256.pt")
+    ap.add_argument("--final", default="checkpoints/q2_source_fundus_RIM_ONE_r2_resnet34_256.pt",
+                    help="a checkpoint holding the version-2 quality model (bench.quality_refit), if present")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows, calib = load(args.dumps)
     stored = QualityModel.from_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["quality"])
     models = {"stored estimate (4 ensemble, acquisition calibration)": stored}
+    if Path(args.final).is_file():
+        models["final estimate v2 (expected + source offset)"] = QualityModel.from_dict(
+            torch.load(args.final, map_location="cpu", weights_only=True)["quality"])
     for name, names in REFITS.items():
         if calib:
             models[name] = QualityModel.fit(calib, [r["dice_mean"] for r in calib], names)
