@@ -189,8 +189,9 @@ def ensure_source(cfg: TrainSourceConfig, base: Path | None) -> Path:
 def add_quality(path: Path, data: DataConfig, train_cfg: TrainConfig, base: Path | None,
                 loaded: tuple[ResUNet, dict] | None = None) -> dict:
     """A checkpoint whose quality model is older than QUALITY_VERSION: refit it on the training split
-    (grata.quality.fit_quality) and write it into the checkpoint, weights untouched (a site's pinned
-    digest of the weights holds)."""
+    (grata.quality.fit_quality) and write it into the checkpoint. The weights stay; the source digest
+    (weights and metadata, the quality model included) changes, so a site pins the digest of the
+    completed checkpoint, as for add_geometry."""
     model, meta = loaded or load_checkpoint(path)
     images, masks = load_split(data, "train", base)
     t0 = time.perf_counter()

@@ -263,10 +263,11 @@ def test_a_collapsing_site_in_the_federation_falls_back_is_flagged_and_its_guard
 
 def test_an_old_checkpoint_gets_the_geometry_aware_quality_model_written_weights_unchanged(tmp_path):
     """ensure_source refits a quality model of version 1 (the ridge over four signals) into the file as
-    version 2 (expected Dice + the source's offset), without touching the weights; a second call leaves it."""
+    version 2 (expected Dice + the source's offset), without touching the weights; a second call leaves it.
+    The source digest a site pins covers the quality model: it changes with it."""
     import grata.train_source as ts
     from grata.config import DataConfig
-    from grata.federation.siteconfig import weights_digest
+    from grata.federation.siteconfig import source_digest, weights_digest
     from grata.models import ModelConfig, load_checkpoint
     from grata.quality import ESTIMATE, QUALITY_VERSION, quality_version
     from tests.conftest import SIZE, tiny_source
@@ -278,11 +279,12 @@ def test_an_old_checkpoint_gets_the_geometry_aware_quality_model_written_weights
     from grata.models import save_checkpoint
     save_checkpoint(path, before, **meta)
     assert quality_version(meta["quality"]) == 1
+    pinned = source_digest(before, meta)
     data = DataConfig(kind="synthetic", size=SIZE, synthetic_train=4)
     cfg = ts.TrainSourceConfig(data=data, model=ModelConfig(encoder="resnet18", decoder_width=16), checkpoint=str(path))
     assert ts.ensure_source(cfg, None) == path
     after, meta = load_checkpoint(path)
-    assert weights_digest(after) == weights_digest(before)
+    assert weights_digest(after) == weights_digest(before) and source_digest(after, meta) != pinned
     q = meta["quality"]
     assert quality_version(q) == QUALITY_VERSION and q["names"] == list(ESTIMATE) and q["info"]["images"] == 4
     assert q["coef"] == [1.0] and q["mean"] == [0.0] and q["scale"] == [1.0]  # the signal's own ranking, shifted
