@@ -11,6 +11,7 @@ geometry shifts): target labels enter the scores, never a fit.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -55,8 +56,9 @@ SIGNALS = ("step_quality", "expected", "cup_expected", "disc_expected", "cup_wei
 
 def load(folder: Path) -> tuple[list[dict], list[dict]]:
     rows, calib = [], []
-    for p in sorted(folder.glob("quality_dump_*.json")):
-        for r in json.loads(p.read_text()):
+    for p in sorted([*folder.glob("quality_dump_*.json"), *folder.glob("quality_dump_*.json.gz")]):
+        text = gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
+        for r in json.loads(text):
             (calib if r["target"] == "calibration" else rows).append(enrich(r))
     return rows, calib
 

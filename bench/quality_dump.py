@@ -10,8 +10,8 @@ the true Dice (labels read only to score), the crop-level features the quality m
 (grata.quality.features; `src_` prefix: the source model's prediction on the same crop), the
 frame-level consistency of the disc with the crop and the frame (grata.quality.frame_features), the
 ensemble features recomputed on the whole frame (`frame_` prefix) and the adapter's own step record
-(`step_`). JSON under bench/results/quality_dump_<method>_<target>.json; bench.quality_table
---dump scores and refits them in seconds.
+(`step_`). JSON under bench/results/quality_dump_<method>_<target>.json (the committed ones are gzipped);
+bench.quality_candidates scores and refits them in seconds.
 """
 from __future__ import annotations
 
