@@ -30,7 +30,7 @@ from client.site import Site
 from grata.config import DataConfig, open_domain
 from grata.data import first_readable
 from grata.federation.protocol import reply_records
-from grata.federation.siteconfig import SiteConfig, load_source, open_site_data, weights_digest
+from grata.federation.siteconfig import SiteConfig, load_source, open_site_data, source_digest
 from grata.models import ModelConfig, ResUNet, save_checkpoint
 from wire import audit, to_plain, to_records
 
@@ -140,12 +140,13 @@ def train(msg: Message, context: Context) -> Message:
     if "model" in msg.content:  # the coordinator sent the source model: keep it for later rounds
         model = ResUNet(ModelConfig(**json.loads(str(config["model_config"]))))
         model.load_state_dict(msg.content["model"].to_torch_state_dict())
-        digest = weights_digest(model)
+        meta = {"shift_reference": float(config["shift_reference"]), "quality": json.loads(str(config["quality"])),
+                "geometry": json.loads(str(config.get("geometry", "{}")))}
+        digest = source_digest(model, meta)  # the weights and the metadata the site will act on
         if digest != str(config["model_digest"]):
             raise RuntimeError(f"site {name}: the model sent has digest {digest[:12]}, not the announced one")
         limits.check_digest(digest)
-        save_checkpoint(state_dir / "source_model.pt", model, shift_reference=float(config["shift_reference"]),
-                        quality=json.loads(str(config["quality"])), geometry=json.loads(str(config.get("geometry", "{}"))))
+        save_checkpoint(state_dir / "source_model.pt", model, **meta)
     model_path = find_model(state_dir, context, config)
     if model_path is None:
         raise RuntimeError(f"site {name}: no source model matching digest {config['model_digest'][:12]}")

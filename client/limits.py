@@ -7,7 +7,8 @@ Node config keys (`flower-supernode --node-config`); a deployed site (one naming
   min-noise-multiplier  the least effective noise multiplier it accepts (sigma of calibrate())
   min-images            the fewest images in one release (the site chunks its stream accordingly)
   ledger-dir            where its privacy ledger lives (outside any run or state folder)
-  source-digest         the sha256 weights digest of the only source model it runs
+  source-digest         the sha256 digest of the only source model it runs: its weights and the
+                        metadata it acts on (shift unit, quality model, geometry reference)
   report-dice           optional, default false: send labelled Dice (evaluation only, outside the DP claim)
   private-only          optional, default false: refuse the variants that share un-noised values
   max-pooled-weight     optional, default 0.5: the largest share of pooled statistics it mixes in

@@ -188,8 +188,9 @@ def ensure_source(cfg: TrainSourceConfig, base: Path | None) -> Path:
 def add_geometry(path: Path, data: DataConfig, base: Path | None,
                  loaded: tuple[ResUNet, dict] | None = None) -> dict:
     """A checkpoint from before the geometry step (`loaded`: its (model, metadata) when already read):
-    its source's disc scale, measured on the training split's masks, written into the checkpoint
-    (weights untouched, so a site's pinned digest holds)."""
+    its source's disc scale, measured on the training split's masks, written into the checkpoint.
+    The weights stay; the source digest (weights and metadata) changes, so a site pins the digest of
+    the completed checkpoint (simulations/deploy_local.py does)."""
     model, meta = loaded or load_checkpoint(path)
     ensure_reference(meta, lambda: load_split(data, "train", base))
     save_checkpoint(path, model, **meta)

@@ -2,6 +2,7 @@
 against the defence now in place: an honest-but-curious coordinator and a lying site."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -253,3 +254,31 @@ def test_deployment_keys_state_and_errors(tmp_path, checkpoint, monkeypatch):
     dep.start_superlink(nodes=1)
     args = started["superlink"]
     assert args[args.index("--host") + 1] == "127.0.0.1"
+
+
+# --- a lying coordinator: the approved weights with another quality model or crop reference -----------
+def test_a_site_pins_the_metadata_it_acts_on_not_only_the_weights(tmp_path, checkpoint):
+    """The quality model decides fallbacks and the geometry reference decides crops: a coordinator that
+    keeps the approved weights but swaps either is refused by a site that pinned its source digest."""
+    from grata.federation.siteconfig import load_source, source_digest
+    from grata.models import load_checkpoint, save_checkpoint
+    from grata.quality import QualityModel
+
+    cfg = site_config(variant="local_only", options={"lr": 1e-3, "bn": "source"})
+    data = open_site_data(cfg, "gamma")
+    model, meta, pinned = load_source(checkpoint)
+    Site("gamma", data, tmp_path / "ok", cfg, checkpoint, limits=limits(tmp_path, source_digest=pinned))  # approved
+    weights, full = load_checkpoint(checkpoint)
+    swaps = {"quality": {**full, "quality": QualityModel.constant(99.0).to_dict()},
+             "geometry": {**full, "geometry": {"disc_share": 0.05, "detector_gain": 1.0}},
+             "shift_reference": {**full, "shift_reference": 1e-9}}
+    for what, swapped in swaps.items():
+        path = tmp_path / f"{what}.pt"
+        save_checkpoint(path, weights, **swapped)
+        assert load_source(path)[0].state_dict().keys() == model.state_dict().keys()
+        with pytest.raises(LimitRefused, match="pinned"):
+            Site("gamma", data, tmp_path / what, cfg, path, limits=limits(tmp_path, source_digest=pinned))
+    # the metadata as it travels (JSON in the train message, saved by the site) keeps the digest
+    travelled = {"shift_reference": float(meta["shift_reference"]), "quality": json.loads(json.dumps(meta["quality"])),
+                 "geometry": json.loads(json.dumps(meta.get("geometry") or {}))}
+    assert source_digest(model, travelled) == pinned

@@ -51,7 +51,8 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
 
 def test_a_checkpoint_from_before_the_geometry_step_gets_its_disc_scale_not_new_weights(tmp_path):
     """ensure_source completes an old checkpoint with the source's disc geometry measured on its training
-    masks, in the file itself, without retraining: the weights (and so a site's pinned digest) stay."""
+    masks, in the file itself, without retraining: the weights stay (the source digest, which covers the
+    metadata a site acts on, changes: a site pins the completed checkpoint)."""
     from grata.federation.siteconfig import weights_digest
     from tests.conftest import SIZE, tiny_source
 

@@ -66,9 +66,24 @@ def weights_digest(model: ResUNet) -> str:
     return h.hexdigest()
 
 
+SOURCE_META = ("shift_reference", "quality", "geometry")  # what a site's adaptation reads besides the weights
+
+
+def source_digest(model: ResUNet, meta: dict) -> str:
+    """sha256 over the weights and the metadata a site acts on (bn=auto's shift unit, the quality model,
+    the geometry reference): a site that pins it runs neither other weights nor another quality model
+    or crop reference than the one its hospital approved, whoever sends them. A missing geometry
+    reads as {} (what the coordinator sends for a checkpoint without one)."""
+    canonical = {"shift_reference": meta.get("shift_reference"), "quality": meta.get("quality"),
+                 "geometry": meta.get("geometry") or {}}
+    h = hashlib.sha256(weights_digest(model).encode())
+    h.update(json.dumps(canonical, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def load_source(path: str | Path) -> tuple[ResUNet, dict, str]:
-    """(model, checkpoint metadata, weights digest); one load per file version and process, however
-    many rounds and sites it serves."""
+    """(model, checkpoint metadata, source digest: weights and metadata); one load per file version
+    and process, however many rounds and sites it serves."""
     st = Path(path).stat()
     return _load_source(str(path), st.st_size, st.st_mtime_ns)
 
@@ -76,7 +91,8 @@ def load_source(path: str | Path) -> tuple[ResUNet, dict, str]:
 @lru_cache(maxsize=4)
 def _load_source(path: str, size: int, mtime: int) -> tuple[ResUNet, dict, str]:
     model, meta = load_checkpoint(path)
-    return model, {k: v for k, v in meta.items() if k in ("shift_reference", "quality", "geometry")}, weights_digest(model)
+    meta = {k: v for k, v in meta.items() if k in SOURCE_META}
+    return model, meta, source_digest(model, meta)
 
 
 def open_site_data(cfg: SiteConfig, domain: str):
@@ -94,4 +110,4 @@ def chunk(n: int, rounds: int, rnd: int, min_images: int = 1) -> range:
     return range(math.floor((rnd - 1) * n / used), math.floor(rnd * n / used))
 
 
-__all__ = ["SiteConfig", "chunk", "load_source", "open_site_data", "weights_digest"]
+__all__ = ["SOURCE_META", "SiteConfig", "chunk", "load_source", "open_site_data", "source_digest", "weights_digest"]
