@@ -421,7 +421,7 @@ class GeometryStep:
     probe_size: int = 0
     centre: str = "disc"
     settle: float = 0.04
-    sure_wide: float = 0.0
+    sure_wide: float = 0.5
 
     def __post_init__(self) -> None:
         missing = {"disc_share", "detector_gain"} - set(self.reference)

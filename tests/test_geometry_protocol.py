@@ -73,3 +73,34 @@ def test_probe_options_are_validated():
     for bad in ({"probe_size": 16}, {"centre": "cup"}, {"settle": 0.7}):
         with pytest.raises(ValueError, match="geometry"):
             GeometryStep(REF, **bad)
+
+
+def _centred_disc_model(x: torch.Tensor) -> torch.Tensor:
+    """A model that draws a disc at the reference's share, centred in whatever it is given (the real
+    source model's habit on a wider field), and counts its calls."""
+    _centred_disc_model.calls += 1
+    s = x.shape[-1]
+    yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+    disc = torch.hypot(yy - s / 2, xx - s / 2) <= math.sqrt(REF["disc_share"] / math.pi) * s
+    return torch.where(disc, 10.0, -10.0).expand(x.shape[0], 2, s, s).clone()
+
+
+def _wide_image() -> torch.Tensor:
+    """A small disc (linear size ~0.35 of the reference's) off-centre in a circular field of view."""
+    return _disc_with_cup(0.4, 0.6, 0.09, cup_dx=0.0)
+
+
+def test_a_clearly_wider_field_skips_the_whole_image_probe_and_a_settled_crop_stops_refining():
+    """sure_wide: the detector alone routes a small disc in a visible aperture to the wider-field path
+    (no whole-image probe); the first refinement finds the model's disc where the crop is centred,
+    so the crop has settled and no second probe runs (early exit). Counted in geo_probes."""
+    image = _wide_image()[None]
+    _centred_disc_model.calls = 0
+    box, _, info = GeometryStep(REF, sure_wide=0.6, refine=2).plan(image, _centred_disc_model)
+    assert info["geo_wide"] == 1 and info["geo_model_side"] == -1.0
+    assert _centred_disc_model.calls == info["geo_probes"] == 1 and info["geo_refined"] == 1
+    cy, cx = (box.y0 + box.side / 2) / S, (box.x0 + box.side / 2) / S
+    assert math.hypot(cy - 0.4, cx - 0.6) < 0.03
+    _centred_disc_model.calls = 0
+    _, _, info = GeometryStep(REF, sure_wide=0.0, refine=2).plan(image, _centred_disc_model)
+    assert info["geo_wide"] == 1 and _centred_disc_model.calls == info["geo_probes"] == 2  # whole + one refinement
