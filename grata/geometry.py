@@ -238,7 +238,7 @@ def _field_z(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return torch.where(fov, (grey - med) / spread, torch.zeros_like(grey)), fov
 
 
-def disc_centre(image: torch.Tensor, est: DiscEstimate, clip: float = 0.5, reach: float = 1.0
+def disc_centre(image: torch.Tensor, est: DiscEstimate, clip: float = 0.3, reach: float = 1.0
                 ) -> tuple[float, float]:
     """The centre of the whole bright disc near the detector's estimate `est` (fractions of the side).
 
@@ -247,7 +247,8 @@ def disc_centre(image: torch.Tensor, est: DiscEstimate, clip: float = 0.5, reach
     reads as one plateau, and a difference of Gaussians tuned to the estimated disc radius peaks at
     the plateau's centre. Searched within `reach` radii of the detector's centre; the centre is the
     response-weighted mean of the part of the peak above 90 % of its maximum. Falls back to the
-    detector's centre when the field or the disc is empty."""
+    detector's centre when the field or the disc is empty. clip 0.3 was chosen on the source's own
+    widened training images (RIM_ONE_r2, labelled, field scales 0.6 and 0.4; docs/geometry.md)."""
     if image.ndim == 4:
         image = image[0]
     got = _field_z(image)
