@@ -24,7 +24,7 @@ from grata.geometry import ensure_reference, geometry_reference
 from grata.losses import segmentation_loss
 from grata.metrics import score
 from grata.models import ModelConfig, ResUNet, load_checkpoint, save_checkpoint
-from grata.quality import fit_quality
+from grata.quality import QUALITY_VERSION, fit_quality, quality_version
 from grata.progress import Progress
 from grata.speed import native_bf16
 
@@ -142,21 +142,19 @@ def train(cfg: TrainSourceConfig, base: Path | None = None) -> dict:
         save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1,
                         history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg))
     bar.close()
-    if "shift_reference" not in meta or "quality" not in meta:
-        meta.setdefault("shift_reference", shift_reference(model, images))  # the unit bn="auto" measures shifts in
-        if "quality" not in meta:  # the label-free Dice estimate, fitted on these labelled images under simulated shifts
-            t0 = time.perf_counter()
-            meta["quality"] = fit_quality(model.eval(), images, masks, limit=cfg.train.quality_images, seed=cfg.train.seed)
-            print(f"quality model fitted on {meta['quality']['info']['images']} source images "
-                  f"({time.perf_counter() - t0:.0f}s)")
-        save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,
-                        history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg),
-                        shift_reference=meta["shift_reference"], quality=meta["quality"])
+    if "shift_reference" not in meta:
+        meta["shift_reference"] = shift_reference(model, images)  # the unit bn="auto" measures shifts in
     if "geometry" not in meta:  # the source's disc scale, for the geometry step (grata/geometry.py)
         meta["geometry"] = geometry_reference(images, masks)
-        save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,
-                        history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg),
-                        shift_reference=meta["shift_reference"], quality=meta["quality"], geometry=meta["geometry"])
+    if quality_version(meta.get("quality")) < QUALITY_VERSION:
+        # the label-free Dice estimate, its level read on these labelled images (grata/quality.py)
+        t0 = time.perf_counter()
+        meta["quality"] = fit_quality(model.eval(), images, masks, limit=cfg.train.quality_images, seed=cfg.train.seed)
+        print(f"quality model fitted on {meta['quality']['info']['images']} source images "
+              f"({time.perf_counter() - t0:.0f}s)")
+    save_checkpoint(path, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=cfg.train.epochs,
+                    history=history, rng=torch.get_rng_state(), training_inputs=training_inputs(cfg),
+                    shift_reference=meta["shift_reference"], quality=meta["quality"], geometry=meta["geometry"])
     test_images, test_masks = load_split(cfg.data, "test", base)
     summary = {
         "checkpoint": str(path), "data": asdict(cfg.data), "model": asdict(cfg.model), "train": asdict(cfg.train),
@@ -180,9 +178,28 @@ def ensure_source(cfg: TrainSourceConfig, base: Path | None) -> Path:
     if model is None or unfinished or "quality" not in meta:
         print(f"no source model (or no quality model) at {full}: training or completing it first")
         train(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=str(full)), base)
-    elif not meta.get("geometry"):
-        add_geometry(full, cfg.data, base, (model, meta))
+    else:
+        if not meta.get("geometry"):
+            add_geometry(full, cfg.data, base, (model, meta))
+        if quality_version(meta.get("quality")) < QUALITY_VERSION:
+            add_quality(full, cfg.data, cfg.train, base, (model, meta))
     return full
+
+
+def add_quality(path: Path, data: DataConfig, train_cfg: TrainConfig, base: Path | None,
+                loaded: tuple[ResUNet, dict] | None = None) -> dict:
+    """A checkpoint whose quality model is older than QUALITY_VERSION: refit it on the training split
+    (grata.quality.fit_quality) and write it into the checkpoint. The weights stay; the source digest
+    (weights and metadata, the quality model included) changes, so a site pins the digest of the
+    completed checkpoint, as for add_geometry."""
+    model, meta = loaded or load_checkpoint(path)
+    images, masks = load_split(data, "train", base)
+    t0 = time.perf_counter()
+    meta["quality"] = fit_quality(model.eval(), images, masks, limit=train_cfg.quality_images, seed=train_cfg.seed)
+    save_checkpoint(path, model, **meta)
+    print(f"{path}: refitted the quality model (version {QUALITY_VERSION}, "
+          f"{meta['quality']['info']['images']} images, {time.perf_counter() - t0:.0f}s)")
+    return meta["quality"]
 
 
 def add_geometry(path: Path, data: DataConfig, base: Path | None,

@@ -103,7 +103,16 @@ def checkpoint(tmp_path_factory) -> Path:
     """A small random ResUNet-18 standing in for a trained source model; bn=auto never switches."""
     path = tiny_source(tmp_path_factory.mktemp("ckpt") / "source.pt", shift_reference=1e9)  # 1x1 maps at 32 px
     path.with_suffix(".json").write_text("{}")
-    return path
+    return complete(path)
+
+
+def complete(path: Path) -> Path:
+    """The checkpoint as the coordinator runs it (ensure_source writes the geometry reference and the
+    current quality model in), so that a digest pinned from it is the one the coordinator announces
+    and no test's run rewrites the shared file under the next one."""
+    from grata.train_source import ensure_source
+
+    return ensure_source(tiny_config(path.parent, path), None)
 
 
 def tiny_config(tmp: Path, checkpoint: Path, *overrides: str):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from grata.adapters import build_adapter
-from grata.quality import (FEATURES, QualityModel, derived, ellipse_iou, features, simulate_shift, solidity,
-                           source_references)
+from grata.quality import (FEATURES, QualityModel, derived, ellipse_iou, features, frame_features, simulate_shift,
+                           solidity, source_references)
 
 yy, xx = np.mgrid[:64, :64]
 
@@ -53,6 +53,25 @@ def test_source_references_map_back_to_the_image_frame():
         assert seen[16:48, 16:48].all()
         agree = ((ref[0, 0] > 0.5) == truth)[seen].float().mean()
         assert agree > 0.97
+
+
+def test_frame_consistency_drops_when_the_crop_is_displaced_or_the_disc_disagrees_with_the_frame():
+    disc = torch.from_numpy(ellipse(32, 32, 8, 8).astype(np.float32))  # a disc at the frame's centre, radius 1/8
+    det = (32.5 / 64, 32.5 / 64, 8 / 64)  # the detector agrees
+    centred = frame_features(disc, (16, 16, 32), disc, det)
+    assert centred["geo_crop_offset"] < 0.05 and centred["geo_crop_edge"] == 0.0
+    assert centred["geo_det_iou"] > 0.85 and centred["geo_det_scale"] < 0.1 and centred["geo_probe_iou"] == 1.0
+    displaced = frame_features(disc, (24, 4, 32), disc, det)  # the crop slid off the disc: it cuts it
+    assert displaced["geo_crop_offset"] > 0.3 > centred["geo_crop_offset"]
+    assert displaced["geo_crop_edge"] > 0.0
+    # the model drew a disc twice the size the detector and the whole-frame probe see
+    big = torch.from_numpy(ellipse(32, 32, 16, 16).astype(np.float32))
+    wrong = frame_features(big, (0, 0, 64), disc, det)
+    assert wrong["geo_det_scale"] > 0.6 and wrong["geo_det_iou"] < 0.3 and wrong["geo_probe_iou"] < 0.3
+    elsewhere = frame_features(disc, None, None, (10 / 64, 54 / 64, 8 / 64))  # the detector's disc is elsewhere
+    assert elsewhere["geo_det_iou"] == 0.0 and elsewhere["geo_det_shift"] > 3
+    none = frame_features(disc, None, None, None)  # no detector disc, no probe: the least consistent values
+    assert none["geo_det_iou"] == 0.0 and none["geo_probe_scale"] == 2.0
 
 
 def test_fit_is_monotone_in_its_evidence_and_clipped():
@@ -240,3 +259,36 @@ def test_a_collapsing_site_in_the_federation_falls_back_is_flagged_and_its_guard
         assert metrics["fallback_share"] == 1.0 and metrics["guard_resets"] == 0  # still in the guard's warm-up
     assert all(m["guard_resets"] >= 1 for m in by_round[2])  # image 3: only if round 1's guard state was kept
     assert all(row["flagged"] >= 1 for row in result["sites"].values())
+
+
+def test_an_old_checkpoint_gets_the_geometry_aware_quality_model_written_weights_unchanged(tmp_path):
+    """ensure_source refits a quality model of version 1 (the ridge over four signals) into the file as
+    version 2 (expected Dice + the source's offset), without touching the weights; a second call leaves it.
+    The source digest a site pins covers the quality model: it changes with it."""
+    import grata.train_source as ts
+    from grata.config import DataConfig
+    from grata.federation.siteconfig import source_digest, weights_digest
+    from grata.models import ModelConfig, load_checkpoint
+    from grata.quality import ESTIMATE, QUALITY_VERSION, quality_version
+    from tests.conftest import SIZE, tiny_source
+
+    path = tiny_source(tmp_path / "old.pt", shift_reference=1.0)
+    path.with_suffix(".json").write_text("{}")
+    before, meta = load_checkpoint(path)
+    meta["quality"]["info"].pop("version")  # a checkpoint written before versions existed
+    from grata.models import save_checkpoint
+    save_checkpoint(path, before, **meta)
+    assert quality_version(meta["quality"]) == 1
+    pinned = source_digest(before, meta)
+    data = DataConfig(kind="synthetic", size=SIZE, synthetic_train=4)
+    cfg = ts.TrainSourceConfig(data=data, model=ModelConfig(encoder="resnet18", decoder_width=16), checkpoint=str(path))
+    assert ts.ensure_source(cfg, None) == path
+    after, meta = load_checkpoint(path)
+    assert weights_digest(after) == weights_digest(before) and source_digest(after, meta) != pinned
+    q = meta["quality"]
+    assert quality_version(q) == QUALITY_VERSION and q["names"] == list(ESTIMATE) and q["info"]["images"] == 4
+    assert q["coef"] == [1.0] and q["mean"] == [0.0] and q["scale"] == [1.0]  # the signal's own ranking, shifted
+    stamp = path.stat().st_mtime_ns
+    ts.ensure_source(cfg, None)
+    assert path.stat().st_mtime_ns == stamp  # already current: not refitted again
+

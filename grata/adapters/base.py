@@ -278,7 +278,7 @@ class Adapter:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         self.last_teacher = None
         images = images.to(self.plan.device)
-        self._verdicts: list[tuple[float, float, bool, torch.Tensor, torch.Tensor]] = []
+        self._verdicts: list[tuple[dict, dict, torch.Tensor, torch.Tensor]] = []
         if self.geometry is None:
             logits = self._judged_step(images)
         else:  # the step sees the disc's crop; logits and teacher come back in the original frame
@@ -288,7 +288,7 @@ class Adapter:
             self.last_step.update(self.geometry.last)
         self.last_step.update(self._update_auto())
         if self._verdicts:
-            self._record_verdicts()
+            logits = self._decide(images, logits)
         if self.guard and self.trains:
             signal = self.last_step.get("quality_gain", self.last_step.get("proxy"))
             if signal is not None:
@@ -317,30 +317,37 @@ class Adapter:
         self.load_state_dict(state)
 
     def _judge(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Estimate the adapted and the source predictions' Dice; per image keep the adapted one unless
-        the source's estimate leads by more than fallback_margin (fallback=True)."""
-        est, est_src, src = self.monitor.assess(images, logits)
-        use_src = [self.fallback and s - a > self.fallback_margin for a, s in zip(est, est_src)]
-        self._verdicts += [(a, s, u, lg, sl) for a, s, u, lg, sl in
-                           zip(est, est_src, use_src, logits.detach().cpu(), src.detach().cpu())]
-        if any(use_src):
-            pick = torch.tensor(use_src, device=logits.device).view(-1, 1, 1, 1)
-            logits = torch.where(pick, src.to(logits.dtype), logits)
+        """On the step's input (the crop, with the geometry step): the adapted and the source model's
+        predictions and their crop-level features. The choice between them waits for the frame (`_decide`)."""
+        feats, feats_src, src = self.monitor.crop_features(images, logits)
+        self._verdicts += list(zip(feats, feats_src, logits.detach().cpu(), src.detach().cpu()))
         return logits
 
-    def _record_verdicts(self) -> None:
-        """Records quality (of what is returned), quality_source, quality_gain (mean adapted - source) and
-        fallback for the last batch, and last_candidates: (adapted, source) logits in the original frame."""
-        est, est_src, use_src, adapted, source = zip(*self._verdicts)
+    def _decide(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per image: estimate the adapted and the source predictions' Dice from their crop-level features,
+        keep the adapted one unless the source's estimate leads by more than fallback_margin
+        (fallback=True), and record quality (of what is returned), quality_source, quality_gain (mean
+        adapted - source), fallback, and last_candidates: (adapted, source) logits in the original frame.
+        images [B,3,H,W], logits [B,2,H,W]: the original frame's (the choice is made there, after the
+        geometry step mapped both candidates back)."""
+        feats, feats_src, adapted, source = zip(*self._verdicts)
         if self.geometry is not None:
             adapted = [self.geometry.logits_to_frame(a, i) for i, a in enumerate(adapted)]
             source = [self.geometry.logits_to_frame(s, i) for i, s in enumerate(source)]
+        self.monitor.last_features = {"adapted": list(feats), "source": list(feats_src)}  # for studies
+        est = [self.monitor.quality.predict(f) for f in feats]
+        est_src = [self.monitor.quality.predict(f) for f in feats_src]
+        use_src = [self.fallback and s - a > self.fallback_margin for a, s in zip(est, est_src)]
         self.last_candidates = (torch.stack(adapted), torch.stack(source))  # what the choice was between
+        if any(use_src):
+            pick = torch.tensor(use_src, device=logits.device).view(-1, 1, 1, 1)
+            logits = torch.where(pick, self.last_candidates[1].to(logits.device, logits.dtype), logits)
         chosen = [s if u else a for a, s, u in zip(est, est_src, use_src)]
         n = len(est)
         self.last_step.update(quality=sum(chosen) / n, quality_source=sum(est_src) / n,
                               quality_gain=sum(a - s for a, s in zip(est, est_src)) / n,
                               fallback=sum(use_src) / n)
+        return logits
 
     def _reset_guard(self) -> None:
         self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets = None, None, 0, 0
