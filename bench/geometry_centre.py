@@ -1,12 +1,13 @@
 """How far label-free disc-centre estimates lie from the true disc centre (no model involved).
 
-    python -m bench.geometry_centre [--scales 0.6 0.4] [--every 2] [--root DIR]
+    python -m bench.geometry_centre [--scales 0.6 0.4] [--every 2] [--clips 0.15 0.3 0.5 0.7] [--source] [--root DIR]
 
 For every `every`-th image of each real target at each field scale: the classical detector's centre
 (`detect_blob`, the brightest compact part of the disc, near the cup) and `disc_centre` (the centre
-of the whole bright disc at the detector's scale: a clipped top-hat, grata/geometry.py), as the
-distance from the mask's centre in true disc radii. Labels score the estimates only. Writes
-bench/results/geometry_centre.json.
+of the whole bright disc at the detector's scale, grata/geometry.py) at each brightness clip, as the
+distance from the mask's centre in true disc radii. --source: the source's own training images
+(RIM_ONE_r2 train, widened the same way), where the clip is chosen. Labels score the estimates only.
+Writes bench/results/geometry_centre.json.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", nargs="+", type=float, default=[0.6, 0.4])
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--targets", nargs="+", default=["RIM_ONE_r1", "RIM_ONE_r3", "Drishti_GS"])
+    parser.add_argument("--clips", nargs="+", type=float, default=[0.15, 0.3, 0.5, 0.7])
+    parser.add_argument("--source", action="store_true", help="the source's widened training images instead")
     parser.add_argument("--root", default="/work/shared/data/fundus")
     parser.add_argument("--reference", default="bench/results/geometry_reference_source_fundus_RIM_ONE_r2_resnet34_256.json")
     parser.add_argument("--out", type=Path, default=Path("bench/results/geometry_centre.json"))
@@ -30,7 +33,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
 
     from grata.config import DataConfig, open_domain
+    from grata.data import Sample
     from grata.geometry import disc_centre, estimate_disc
+    from grata.train_source import load_split
+    from grata.widefield import WideField
 
     ref = json.loads(Path(args.reference).read_text())
     base = DataConfig(kind="fundus", root=args.root, size=256, source="RIM_ONE_r2", targets=args.targets,
@@ -38,9 +44,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows, summary = [], []
     for scale in args.scales:
         data = DataConfig(**{**vars(base), "field_scale": scale})
-        for target in args.targets:
-            ds = open_domain(data, target, "all")
-            offs: dict[str, list[float]] = {"detector": [], "disc_centre": []}
+        for target in (["RIM_ONE_r2_train"] if args.source else args.targets):
+            if args.source:  # the source is never widened by open_domain: widen its training split here
+                ims, masks = load_split(base, "train", None)
+                ds = WideField([Sample(i, m, f"src{k}") for k, (i, m) in enumerate(zip(ims, masks))], scale)
+            else:
+                ds = open_domain(data, target, "all")
+            offs: dict[str, list[float]] = {"detector": [], **{f"clip {c:g}": [] for c in args.clips}}
             for i in range(0, len(ds), args.every):
                 s = ds[i]
                 m = s.mask[0] > 0
@@ -49,10 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
                 ty, tx = (ys.float().mean().item() + 0.5) / side, (xs.float().mean().item() + 0.5) / side
                 rad = math.sqrt(m.float().mean().item() / math.pi)
                 est = estimate_disc(s.image, ref)
-                cy, cx = disc_centre(s.image, est)
                 row = {"scale": scale, "target": target, "image": s.name,
-                       "detector": math.hypot(est.cy - ty, est.cx - tx) / rad,
-                       "disc_centre": math.hypot(cy - ty, cx - tx) / rad}
+                       "detector": math.hypot(est.cy - ty, est.cx - tx) / rad}
+                for c in args.clips:
+                    cy, cx = disc_centre(s.image, est, clip=c)
+                    row[f"clip {c:g}"] = math.hypot(cy - ty, cx - tx) / rad
                 rows.append(row)
                 for k in offs:
                     offs[k].append(row[k])
