@@ -17,6 +17,10 @@ or affine update changes scale. This stage, label-free and independent of the ad
    means the estimate was off; the adapter's state is restored and the step re-run once on a
    corrected crop (or on the whole image).
 
+On a wider field the crop starts at `disc_centre` (the whole disc's centre at the detector's scale;
+the detector's blob is the brighter cup) and is refined on the model's own disc in the crop
+(`GeometryStep.plan`). `crop_summary` turns a round's per-image outcome into the site's crop protocol.
+
 Predictions always come back in the original image's frame. `estimate_disc` is the per-image
 estimate (centre, radius, share relative to the source's) as a plain function for quality
 features and a site's crop-protocol summary.
