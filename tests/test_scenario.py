@@ -76,3 +76,17 @@ def test_the_study_checks_the_issue_targets_against_local_only():
     assert not targets("distinct", {"local_only": base, "x": row({"a": 79.6, "b": 61.0}, 70.3)})["x"]["met"]
     late = targets("late_joiner", {"local_only": base, "good": good})["good"]
     assert late["joiners_gain"] == 2.5 and late["met"]
+
+
+def test_the_controls_table_credits_federation_only_its_gain_over_the_local_control():
+    """A shared trick that a site gets alone (control == federated) shows +0.00 however far it is above
+    local_only; the worst site is taken against the control, not against the base."""
+    from bench.federation_controls import table
+
+    base = {"mean": 60.0, "sites": {"a": 60.0, "b": 60.0}}
+    local = {"mean": 68.0, "sites": {"a": 70.0, "b": 66.0}}
+    fed = {"mean": 68.5, "sites": {"a": 71.5, "b": 65.5}}
+    row = table(base, [("lookahead", local, fed)]).splitlines()[-1]
+    assert row == "| lookahead | 68.00 | 68.50 | +8.00 | +0.50 | -0.50 |"
+    same = table(base, [("x", local, local)]).splitlines()[-1]
+    assert "| +8.00 | +0.00 | +0.00 |" in same
