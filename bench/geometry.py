@@ -1,6 +1,7 @@
 """What the geometry step costs per image, against one forward pass of the model at 256 px.
 
-    python -m bench.geometry [--size 256] [--encoder resnet34] [--repeats 30]
+    python -m bench.geometry [--size 256] [--encoder resnet34] [--repeats 30] [--threads 1]
+                             [--checkpoint PATH --root DIR --scales 1 0.6 0.4 --per-target 12]
 
 Times, on synthetic wide_field images (the step's work does not depend on the data): the disc
 estimate (the classical detector), crop + min-max + map back of the logits, their sum, and one
@@ -8,6 +9,12 @@ no-grad forward of ResUNet at the same size through a `source` adapter on the fa
 native, channels-last) and on the fp32 faithful path. Writes bench/results/geometry.json.
 The retry (a second adapter step on a corrected crop) is not in this figure: its rate is counted
 per target by the Dice runs (`geo_retried` in per_image.csv) and reported in docs/geometry.md.
+
+Per path (with --checkpoint and the fundus data): the whole placement, `GeometryStep.plan` with the
+real source model's probe (detector + disc centre + every probe pass), timed per image on
+`per-target` images of each real target at each field scale, grouped by the path the image took
+(kept whole / near-scale crop / wider field), against one fast forward at `size` px; and the probe
+passes counted (honest count: a probe at the frame's size is one forward).
 """
 from __future__ import annotations
 
@@ -24,7 +31,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--encoder", default="resnet34")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint", default="checkpoints/source_fundus_RIM_ONE_r2_resnet34_256.pt")
+    parser.add_argument("--root", default="../shared/data/fundus")
+    parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.6, 0.4])
+    parser.add_argument("--targets", nargs="+", default=["RIM_ONE_r1", "RIM_ONE_r3", "Drishti_GS"])
+    parser.add_argument("--per-target", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -75,8 +87,52 @@ def main(argv: list[str] | None = None) -> dict:
     md += f"\n\ngeometry step / one fast forward = {ratio:.3f} (median over {args.repeats} images, {args.threads} threads)"
     result = {"rows": rows, "ratio_to_fast_forward": ratio,
               "cropped_share": sum(not b.is_whole(args.size, args.size) for b in boxes) / len(boxes)}
+    paths = _per_path(args, forward["fast"]["median"]) if Path(args.checkpoint).is_file() and Path(args.root).is_dir() else []
+    if paths:
+        md += "\n\n" + table(paths, [("path", "path", ""), ("images", "images", "d"), ("probes", "probes / image", ".2f"),
+                                     ("median_ms", "placement ms", ".1f"), ("forward_ms", "one forward ms", ".1f"),
+                                     ("extra_forwards", "extra forwards", ".2f")])
+    result["paths"] = paths
     publish("geometry", args, md, **result)
     return result
+
+
+def _per_path(args, _synthetic_forward: float) -> list[dict]:
+    """The default placement's cost per path, with the real source model (see the module docstring)."""
+    import json
+
+    from grata.adapters import build_adapter
+    from grata.config import DataConfig, open_domain
+    from grata.models import load_checkpoint
+
+    model, meta = load_checkpoint(args.checkpoint)
+    cache = Path("bench/results") / f"geometry_reference_{Path(args.checkpoint).stem}.json"
+    ref = meta.get("geometry") or json.loads(cache.read_text())
+    adapter = build_adapter("source", model, geometry="auto", geometry_reference=ref)
+    step = adapter.geometry
+    base = DataConfig(kind="fundus", root=args.root, size=args.size, source="RIM_ONE_r2", targets=args.targets,
+                      target_split="all")
+    images = []
+    for scale in args.scales:
+        data = DataConfig(**{**vars(base), "field_scale": scale})
+        for target in args.targets:
+            ds = open_domain(data, target, "all")
+            images += [ds[i].image[None] for i in range(0, len(ds), max(1, len(ds) // args.per_target))][: args.per_target]
+    with torch.no_grad():
+        for x in images[:2]:
+            adapter.forward(x)
+        fwd = spread([timed(lambda x=x: adapter.forward(x)) for x in images[:: max(1, len(images) // 20)]])["median"]
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for x in images:
+            out = {}
+            t = timed(lambda x=x: out.update(plan=step.plan(x, adapter._probe)))
+            box, _, extra = out["plan"]
+            path = "wider field" if extra["geo_wide"] else (
+                "kept whole" if box.is_whole(args.size, args.size) else "near-scale crop")
+            groups.setdefault(path, []).append((t, extra["geo_probes"]))
+    return [{"path": p, "images": len(v), "probes": sum(n for _, n in v) / len(v),
+             "median_ms": spread([t for t, _ in v])["median"] * 1e3, "forward_ms": fwd * 1e3,
+             "extra_forwards": spread([t for t, _ in v])["median"] / fwd} for p, v in groups.items()]
 
 
 def _ms(s: dict) -> dict:

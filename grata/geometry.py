@@ -17,6 +17,10 @@ or affine update changes scale. This stage, label-free and independent of the ad
    means the estimate was off; the adapter's state is restored and the step re-run once on a
    corrected crop (or on the whole image).
 
+On a wider field the crop starts at `disc_centre` (the whole disc's centre at the detector's scale;
+the detector's blob is the brighter cup) and is refined on the model's own disc in the crop
+(`GeometryStep.plan`). `crop_summary` turns a round's per-image outcome into the site's crop protocol.
+
 Predictions always come back in the original image's frame. `estimate_disc` is the per-image
 estimate (centre, radius, share relative to the source's) as a plain function for quality
 features and a site's crop-protocol summary.
@@ -224,6 +228,57 @@ def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: floa
     return (y + 0.5) / WORK, (x + 0.5) / WORK, s * math.sqrt(2) / WORK, float(value)
 
 
+def _field_z(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The WORK px brightness map the detector reads: grey level inside the field of view, in robust
+    spreads above the field's 30th percentile, 0 outside; with the field-of-view mask. None: no field."""
+    small = F.interpolate(image[None].float(), size=(WORK, WORK), mode="area")[0]
+    fov = field_of_view(small)
+    if fov.float().mean() < 0.05:
+        return None
+    grey = small.mean(0)
+    inside = grey[fov]
+    med = inside.quantile(BACKGROUND_QUANTILE)
+    spread = (inside - med).abs().median().clamp_min(1e-3) * 1.4826
+    return torch.where(fov, (grey - med) / spread, torch.zeros_like(grey)), fov
+
+
+def disc_centre(image: torch.Tensor, est: DiscEstimate, clip: float = 0.3, reach: float = 1.0
+                ) -> tuple[float, float]:
+    """The centre of the whole bright disc near the detector's estimate `est` (fractions of the side).
+
+    The detector's blob is the disc's brightest part, the cup, which lies off the disc's centre. Here
+    the brightness is clipped at the `clip` quantile of the estimated disc's own pixels, so the disc
+    reads as one plateau, and a difference of Gaussians tuned to the estimated disc radius peaks at
+    the plateau's centre. Searched within `reach` radii of the detector's centre; the centre is the
+    response-weighted mean of the part of the peak above 90 % of its maximum. Falls back to the
+    detector's centre when the field or the disc is empty. clip 0.3 was chosen on the source's own
+    widened training images (RIM_ONE_r2, labelled, field scales 0.6 and 0.4; docs/geometry.md)."""
+    if image.ndim == 4:
+        image = image[0]
+    got = _field_z(image)
+    r = est.radius * WORK
+    if got is None or r < 1 or not est.found:
+        return est.cy, est.cx
+    z, fov = got
+    yy, xx = torch.meshgrid(torch.arange(WORK, dtype=z.dtype) + 0.5, torch.arange(WORK, dtype=z.dtype) + 0.5,
+                            indexing="ij")
+    dist = torch.hypot(yy - est.cy * WORK, xx - est.cx * WORK)
+    in_disc = (dist <= r) & fov
+    if in_disc.sum() < 4:
+        return est.cy, est.cx
+    zc = torch.minimum(z, z[in_disc].quantile(clip)).clamp_min(0)
+    sigma = r / math.sqrt(2)
+    dog = _blur(zc[None, None], sigma / 1.1) - _blur(zc[None, None], sigma * 1.1)
+    dog = dog[0, 0]
+    dog = torch.where((dist <= reach * r) & fov, dog, torch.full_like(dog, -math.inf))
+    top = dog.max()
+    if not torch.isfinite(top) or top <= 0:
+        return est.cy, est.cx
+    weight = torch.where(torch.isfinite(dog), (dog - 0.9 * top).clamp_min(0), torch.zeros_like(dog))
+    total = weight.sum()
+    return float((weight * yy).sum() / total) / WORK, float((weight * xx).sum() / total) / WORK
+
+
 def estimate_disc(image: torch.Tensor, reference: dict) -> DiscEstimate:
     """The disc of one image [3, H, W] (or [1, 3, H, W]) in [0, 1], label-free, calibrated by the
     source's `reference` (`geometry_reference`). A quality feature and a site's crop protocol:
@@ -250,6 +305,19 @@ def crop_protocol(estimates: list[DiscEstimate], reference: dict) -> dict[str, f
     med = t.median(0).values
     return {"images": float(len(estimates)), "found_share": len(found) / len(estimates),
             "relative_scale": float(med[0]), "centre_y": float(med[1]), "centre_x": float(med[2])}
+
+
+def crop_summary(steps: list[dict]) -> dict[str, float]:
+    """A site's crop protocol over a round, from its adapter's per-image diagnostics (`last_step` with
+    the geometry step on): geo_cropped_share, the share of images segmented on a crop (0: the site
+    images at the source's scale), and geo_zoom, the median zoom (frame side / crop side; 1 = the whole
+    image, 2.5 = a crop 0.4 of the frame's side). {} when the step was off. Label-free, per round."""
+    geo = [s for s in steps if "geo_zoom" in s and "geo_cropped" in s]
+    if not geo:
+        return {}
+    zoom = torch.tensor([float(s["geo_zoom"]) for s in geo])
+    return {"geo_cropped_share": sum(float(s["geo_cropped"]) for s in geo) / len(geo),
+            "geo_zoom": float(zoom.median())}
 
 
 # --- the source's reference -------------------------------------------------------------------------
@@ -337,6 +405,13 @@ class GeometryStep:
     Without a probe (`apply(..., probe=None)`) or with use_model=False, only the detector's crop is
     used (no model pass before the step: below one forward's cost), checked once by the adapter's own
     prediction (`retry`).
+    centre: where the wider-field crop starts, "disc" (`disc_centre`: the whole bright disc's centre)
+    or "detector" (the detector's blob, the disc's brightest part). settle: stop refining when the
+    next crop would move less than this share of the side (early exit: no further probe). sure_wide:
+    a disc the detector sees below this linear size (relative to the source's), small in its field,
+    takes the wider-field path without the whole-image probe (0: always probe). probe_size: the
+    refinement probes' resolution (0: the frame's; below it, a probe re-centres only and keeps the
+    crop's side, because the model's disc size is not reliable off its training resolution).
     """
     reference: dict
     keep_whole: float = 0.9
@@ -348,6 +423,10 @@ class GeometryStep:
     gain: float = 1.5
     retry: bool = True
     use_model: bool = True
+    probe_size: int = 0
+    centre: str = "disc"
+    settle: float = 0.04
+    sure_wide: float = 0.5
 
     def __post_init__(self) -> None:
         missing = {"disc_share", "detector_gain"} - set(self.reference)
@@ -359,6 +438,11 @@ class GeometryStep:
             raise ValueError(f"geometry reference detector_gain={self.reference['detector_gain']} must be finite and > 0")
         if not 0 < self.keep_whole <= 1.5 or not 0 < self.min_side < 1:
             raise ValueError(f"geometry keep_whole={self.keep_whole} / min_side={self.min_side} out of range")
+        if self.centre not in ("disc", "detector") or not (self.probe_size == 0 or 32 <= self.probe_size <= 1024):
+            raise ValueError(f"geometry centre={self.centre!r} (disc | detector), probe_size={self.probe_size} "
+                             "(0: the frame's size, else 32-1024 px)")
+        if not 0 <= self.settle < 0.5:
+            raise ValueError(f"geometry settle={self.settle} must lie in [0, 0.5)")
         if (not 0 < self.route <= 1 or self.refine < 0 or not 1 <= self.gain <= 3 or self.min_contrast < 0
                 or not 0 < self.aperture <= 1):
             raise ValueError(f"geometry route={self.route} (0, 1], refine={self.refine} >= 0, gain={self.gain} "
@@ -381,13 +465,15 @@ class GeometryStep:
             return Box.whole(size, size)
         return self._box_at(est.cy, est.cx, est.share, size)
 
-    def _recentre(self, disc: PredictedDisc, box: Box, size: int) -> Box:
+    def _recentre(self, disc: PredictedDisc, box: Box, size: int, keep_side: bool = False) -> Box:
         """The next crop from the model's disc in `box`: centre moved `gain` times the disc's offset from
         the crop's centre (the model under-reports it), size so that the disc covers the source's share.
         A disc cut by the crop's edge is larger than it shows: the crop widens by at least half again."""
         c = ((box.y0 + box.side / 2) / size, (box.x0 + box.side / 2) / size)
         cy, cx = c[0] + self.gain * (disc.cy - c[0]), c[1] + self.gain * (disc.cx - c[1])
         share = disc.share * (2.25 if disc.edge >= 0.05 else 1.0)
+        if keep_side:  # a coarse probe places the crop; its disc's size is not trusted
+            share = self.reference["disc_share"] * (box.side / size) ** 2
         return self._box_at(cy, cx, share, size)
 
     def _check(self, logits: torch.Tensor, box: Box, size: int) -> Box | None:
@@ -402,41 +488,69 @@ class GeometryStep:
             return None
         return self._recentre(disc, box, size)
 
+    def _look(self, probe: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, box: Box, size: int,
+              full: bool = False) -> PredictedDisc | None:
+        """The model's disc in `box` of images [1, 3, S, S] from one probe pass: at the frame's size when
+        `full` (the whole-image probe), else at `probe_size` px (0: the frame's size)."""
+        n = size if full else (self.probe_size or size)
+        if box.is_whole(size, size):
+            x = images if n == size else crop(images, box, n)
+        else:
+            x = _minmax(crop(images, box, n))
+        return predicted_disc(probe(x), box, size)
+
+    def _settled(self, nxt: Box, box: Box) -> bool:
+        """The next crop is (nearly) the current one: its centre moved less than `settle` of the side and
+        its side changed by less than twice that, so another probe would not move it (early exit)."""
+        shift = math.hypot(nxt.y0 + nxt.side / 2 - box.y0 - box.side / 2, nxt.x0 + nxt.side / 2 - box.x0 - box.side / 2)
+        return shift <= self.settle * box.side and abs(nxt.side / box.side - 1) <= 2 * self.settle
+
     def plan(self, images: torch.Tensor, probe: Callable[[torch.Tensor], torch.Tensor]
              ) -> tuple[Box, DiscEstimate, dict[str, float]]:
         """The crop for one image [1, 3, S, S], label-free: route on the detector and the model's
         whole-image disc, then refine on the model's disc in the crop. Returns (box, detector
-        estimate, diagnostics)."""
+        estimate, diagnostics, among them `geo_probes`: the probe passes taken, each at `probe_size`)."""
         _, _, h, w = images.shape
         est = estimate_disc(images[0], self.reference)
         whole = Box.whole(h, w)
-        seen = predicted_disc(probe(images), whole, h)
         ref = self.reference["disc_share"]
-        model_side = math.sqrt(seen.share / ref) if seen is not None else 0.0
         det_side = math.sqrt(est.share / ref)
         # the disc must be a small part of the field: it stands out by many robust spreads, or the camera's
         # circular aperture shows (a full field). A tight crop fills the frame and its disc stands out less.
         small_in_field = est.contrast >= self.min_contrast or est.field < self.aperture
-        wide = est.found and small_in_field and det_side < self.route * model_side
+        if est.found and small_in_field and det_side < self.sure_wide:
+            # the detector alone is conclusive: a disc this small is below `route` of any disc the model draws
+            seen, probes, model_side = None, 0, -1.0  # -1: not probed
+            wide = True
+        else:
+            seen = self._look(probe, images, whole, h, full=True)
+            probes = 1
+            model_side = math.sqrt(seen.share / ref) if seen is not None else 0.0
+            wide = est.found and small_in_field and det_side < self.route * model_side
         if wide:
-            box = self.choose_box(est, h)
+            # the detector's blob is the disc's brightest part (near the cup); the model, trained on centred
+            # discs, barely moves its disc off the crop's centre, so the crop must start centred on the disc
+            cy, cx = disc_centre(images[0], est) if self.centre == "disc" else (est.cy, est.cx)
+            box = self._box_at(cy, cx, est.share, h)
         elif seen is not None:
             box = self._box_at(seen.cy, seen.cx, seen.share, h)
         else:
             box = whole
         refined = 0
         while refined < self.refine and not box.is_whole(h, w):
-            disc = predicted_disc(probe(_minmax(crop(images, box, h))), box, h)
+            disc = self._look(probe, images, box, h)
+            probes += 1
             if disc is None:  # the model sees nothing in the crop: the estimate was wrong, use the image as is
                 box = whole
                 break
-            nxt = self._recentre(disc, box, h)
+            nxt = self._recentre(disc, box, h, keep_side=bool(self.probe_size) and self.probe_size != h)
             refined += 1
-            if nxt == box:
-                break
+            settled = nxt.is_whole(h, w) or self._settled(nxt, box)
             box = nxt
+            if settled:
+                break
         return box, est, {"geo_wide": float(wide), "geo_model_side": model_side, "geo_refined": float(refined),
-                          "geo_field": est.field}
+                          "geo_field": est.field, "geo_probes": float(probes)}
 
     def apply(self, step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
               snapshot: Callable[[], object] | None = None, restore: Callable[[object], None] | None = None,

@@ -14,7 +14,8 @@ import yaml  # noqa: E402  (PyYAML comes with Hydra)
 
 from server.coordinator import Coordinator  # noqa: E402
 
-TABLE_KEYS = ("dice_mean", "dice_disc", "dice_cup", "dice_proxy", "align_cos_mean", "lr_mean")
+TABLE_KEYS = ("dice_mean", "dice_disc", "dice_cup", "dice_proxy", "align_cos_mean", "lr_mean",
+              "geo_cropped_share", "geo_zoom")  # the last two: the site's crop protocol (plain variants)
 
 
 def _weighted(rounds: list[dict[str, Any]], key: str) -> float | None:
@@ -46,14 +47,15 @@ def mean_row(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def format_sites(summary: dict[str, dict[str, Any]], title: str) -> str:
-    head = f"{'site':<16}{'images':>7}{'Dice':>8}{'disc':>7}{'cup':>7}{'proxy':>8}{'cos':>7}{'flags':>6}{'eps':>7}"
+    head = f"{'site':<16}{'images':>7}{'Dice':>8}{'disc':>7}{'cup':>7}{'proxy':>8}{'cos':>7}{'flags':>6}{'eps':>7}{'crop':>6}{'zoom':>6}"
     lines = [title, head, "-" * len(head)]
     total = {"images": sum(r["images"] for r in summary.values()), "flagged": sum(r["flagged"] for r in summary.values())}
     rows = {**summary, "mean": {**mean_row(summary), **total}}
     for name, r in rows.items():
         cell = lambda k, w, f=".1f": f"{r[k]:>{w}{f}}" if k in r else f"{'-':>{w}}"  # noqa: E731
         lines.append(f"{name:<16}{r['images']:>7}{cell('dice_mean', 8, '.2f')}{cell('dice_disc', 7)}{cell('dice_cup', 7)}"
-                     f"{cell('dice_proxy', 8)}{cell('align_cos_mean', 7, '.2f')}{r.get('flagged', 0):>6}{cell('dp_epsilon', 7, '.2f')}")
+                     f"{cell('dice_proxy', 8)}{cell('align_cos_mean', 7, '.2f')}{r.get('flagged', 0):>6}{cell('dp_epsilon', 7, '.2f')}"
+                     f"{cell('geo_cropped_share', 6, '.2f')}{cell('geo_zoom', 6, '.2f')}")
     return "\n".join(lines)
 
 

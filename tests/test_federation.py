@@ -50,7 +50,8 @@ def test_fed_stats_run_is_recorded_in_mlflow(tmp_path, checkpoint):
 # What a labelled synthetic site running fedgrata sends each round (README: "What a site sends")
 SITE_METRICS = {"images", "skipped", "seconds", "guard_resets", "dice_proxy", "fallback_share",
                 "align_cos_mean", "align_cos_std", "align_cos_hist", "align_neg_share", "lr_mean", "entropy",
-                "consistency", "dice_disc", "dice_cup", "dice_mean"}
+                "consistency", "dice_disc", "dice_cup", "dice_mean",
+                "geo_cropped_share", "geo_zoom"}  # the crop protocol: the default method has the geometry step on
 # the private variant: counts, the noised proxy and (evaluation only) Dice; nothing else that depends on the images
 METRICS = {"local_only": SITE_METRICS, "fed_affine": SITE_METRICS,
            "fed_stats": {"images", "skipped", "stats_images", "dice_proxy", "dice_disc", "dice_cup", "dice_mean"}}

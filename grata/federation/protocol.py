@@ -36,7 +36,11 @@ COUNT_KEYS = {"images", "skipped", "stats_images"}
 DICE_KEYS = {"dice_disc", "dice_cup", "dice_mean"}  # only where the site holds labels and allows it: evaluation only
 PLAIN_METRICS = COUNT_KEYS - {"stats_images"} | DICE_KEYS | {
     "seconds", "guard_resets", "dice_proxy", "fallback_share",
-    "align_cos_mean", "align_cos_std", "align_cos_hist", "align_neg_share", "lr_mean", "entropy", "consistency"}
+    "align_cos_mean", "align_cos_std", "align_cos_hist", "align_neg_share", "lr_mean", "entropy", "consistency",
+    "geo_cropped_share", "geo_zoom"}  # the crop protocol (grata/geometry.py crop_summary): plain variants only
+# metrics with a fixed range: a value outside it is a lying or broken site (the crop's zoom is frame side /
+# crop side: at least 1 / 1.5 (keep_whole's largest crop), at most 64 (a crop of under 2 % of the side))
+RANGES = {"geo_cropped_share": (0.0, 1.0), "geo_zoom": (0.5, 64.0)}
 PRIVATE_METRICS = COUNT_KEYS | DICE_KEYS | {"dice_proxy"}  # the proxy arrives noised (grata/privacy.py)
 LISTS = {"align_cos_hist": COSINE_BINS}  # the only list-valued metric, and its exact length
 PRIVACY_KEYS = {"dp_epsilon", "dp_delta", "dp_noise_std", "dp_proxy_std", "dp_released"}
@@ -135,6 +139,8 @@ def audit(reply: Mapping[str, Mapping[str, Any]], allowed: Rules, required: Rule
                 values = _scalar(record_name, key, value)
                 if key in COUNT_KEYS and not 0 <= values[0] <= MAX_IMAGES:
                     raise ReplyRejected(f"{record_name}.{key}={values[0]} is outside [0, {MAX_IMAGES}]: a count no site can have")
+                if key in RANGES and not RANGES[key][0] <= values[0] <= RANGES[key][1]:
+                    raise ReplyRejected(f"{record_name}.{key}={values[0]} is outside {list(RANGES[key])}")
                 size, item = len(json.dumps(value)), {"kind": "MetricRecord", "shape": (len(values),)}
             inventory.append({"record": record_name, "key": key, **item, "bytes": size})
             total += size

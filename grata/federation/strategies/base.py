@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from grata.federation.protocol import PLAIN_METRICS, PRIVACY_KEYS, SITE_KEYS, PerLayer, Rules
+from grata.geometry import crop_summary
 from grata.proxy import alignment_summary
 
 Arrays = dict[str, dict[str, torch.Tensor]]  # array records: {record: {"<layer>.<name>": tensor}}
@@ -52,12 +53,14 @@ class RoundLog:
         return [{"dice_proxy": s["quality"], "fallback_share": s["fallback"]} for s in self.steps]
 
     def plain_metrics(self) -> dict[str, Any]:
-        """The exact (un-noised) round summary: time, resets, proxy and fallback means, alignment summary."""
+        """The exact (un-noised) round summary: time, resets, proxy and fallback means, alignment summary,
+        crop protocol (share cropped, median zoom)."""
         out: dict[str, Any] = {"seconds": self.seconds, "guard_resets": self.guard_resets}
         per_image = self.per_image()
         for key in per_image[0] if per_image else ():
             out[key] = float(np.mean([p[key] for p in per_image]))
         out.update(alignment_summary(self.steps))
+        out.update(crop_summary(self.steps))  # the site's crop protocol, with the geometry step on
         return out
 
 
