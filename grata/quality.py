@@ -225,7 +225,24 @@ class QualityModel:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QualityModel":
-        return cls(**d)
+        """A stored model, checked: it decides fallbacks and the guard, and it arrives with the model."""
+        model = cls(**d)
+        model.check()
+        return model
+
+    def check(self) -> None:
+        """Refuse a model whose estimate could be NaN or whose size is unbounded: a NaN estimate silently
+        switches the fallback and the guard off."""
+        n = len(self.names)
+        if n == 0 or n > 64 or not (len(self.mean) == len(self.scale) == len(self.coef) == n):
+            raise ValueError(f"quality model: names, mean, scale and coef must have one equal length in 1..64 "
+                             f"(got {n}, {len(self.mean)}, {len(self.scale)}, {len(self.coef)})")
+        values = np.array([*self.mean, *self.scale, *self.coef, self.intercept], dtype=float)
+        if not np.isfinite(values).all() or min(self.scale) <= 0:
+            raise ValueError("quality model: every mean, scale, coef and the intercept must be finite, every scale > 0")
+        if quality_version(self.to_dict()) > QUALITY_VERSION:
+            raise ValueError(f"quality model version {quality_version(self.to_dict())} is newer than this "
+                             f"code's {QUALITY_VERSION}")
 
     @classmethod
     def fit(cls, rows: list[dict[str, float]], dice: list[float], names: list[str], alpha: float = 1.0) -> "QualityModel":
@@ -357,7 +374,11 @@ def fit_quality(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tenso
     signal = np.array([derived(r)["expected"] for r in rows])
     truth = np.array([r["dice"] for r in rows])
     plain = np.arange(len(rows)) % (copies + 1) == 0  # each image as it is
+    if not plain.any():
+        raise ValueError(f"fit_quality: no labelled source image to fit on (images {len(images)}, limit {limit})")
     offset = float(np.median(truth[plain] - signal[plain]))
+    if not math.isfinite(offset):
+        raise ValueError("fit_quality: the source's offset between true and expected Dice is not finite")
     info = {"images": len(idx), "copies": copies, "seed": seed, "version": QUALITY_VERSION,
             "dice_mean": float(truth[plain].mean()), "expected_mean": float(signal[plain].mean())}
     if copies and np.ptp(signal) > 0:

@@ -292,3 +292,20 @@ def test_an_old_checkpoint_gets_the_geometry_aware_quality_model_written_weights
     ts.ensure_source(cfg, None)
     assert path.stat().st_mtime_ns == stamp  # already current: not refitted again
 
+
+
+def test_a_quality_model_that_would_estimate_nan_or_is_unbounded_is_refused():
+    """The quality model arrives with the source model and decides fallbacks and the guard: a NaN
+    intercept, a zero scale, mismatched lengths or a version from newer code are refused on load."""
+    good = QualityModel(["expected"], [0.0], [1.0], [1.0], 8.0, {"version": 2, "images": 4}).to_dict()
+    assert QualityModel.from_dict(good).predict({"disc_expected": 80.0, "cup_expected": 60.0, "disc_soft_dice": 0,
+                                                 "cup_soft_dice": 0, "disc_components": 1, "cup_components": 1,
+                                                 "cdr": 0.5, "disc_ellipse": 1, "disc_solidity": 1, "cup_solidity": 1,
+                                                 "cup_in_disc": 1, "disc_largest": 1, "cup_largest": 1}) == 78.0
+    bad = {"nan intercept": {**good, "intercept": float("nan")}, "zero scale": {**good, "scale": [0.0]},
+           "lengths": {**good, "coef": [1.0, 2.0]}, "inf coef": {**good, "coef": [float("inf")]},
+           "newer version": {**good, "info": {"version": 99, "images": 4}},
+           "unbounded": {**good, "names": ["expected"] * 65, "mean": [0.0] * 65, "scale": [1.0] * 65, "coef": [1.0] * 65}}
+    for what, d in bad.items():
+        with pytest.raises(ValueError, match="quality model"):
+            QualityModel.from_dict(d)
