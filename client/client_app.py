@@ -31,7 +31,7 @@ from grata.config import DataConfig, open_domain
 from grata.data import first_readable
 from grata.federation.protocol import reply_records
 from grata.federation.siteconfig import SiteConfig, load_source, open_site_data, source_digest
-from grata.models import ModelConfig, ResUNet, save_checkpoint
+from grata.models import CheckpointError, ModelConfig, ResUNet, save_checkpoint
 from wire import audit, to_plain, to_records
 
 app = ClientApp()
@@ -99,11 +99,16 @@ def reply_content(name: str, out: dict) -> RecordDict:
 
 
 def find_model(state_dir: Path, context: Context, config: ConfigRecord) -> Path | None:
-    """A local source model whose weights match the coordinator's digest, or None."""
+    """A local source model whose source digest matches the coordinator's, or None. A candidate that is
+    not a readable checkpoint is skipped like a missing one: the coordinator names `model_hint`, and an
+    error for an unreadable file would tell it that the file exists."""
     candidates = [state_dir / "source_model.pt", context.node_config.get("checkpoint"), config.get("model_hint")]
     for path in candidates:
-        if path and Path(str(path)).is_file() and load_source(path)[2] == config["model_digest"]:
-            return Path(str(path))
+        try:
+            if path and Path(str(path)).is_file() and load_source(path)[2] == config["model_digest"]:
+                return Path(str(path))
+        except (CheckpointError, OSError, ValueError, TypeError):
+            continue
     return None
 
 

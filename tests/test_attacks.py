@@ -282,3 +282,23 @@ def test_a_site_pins_the_metadata_it_acts_on_not_only_the_weights(tmp_path, chec
     travelled = {"shift_reference": float(meta["shift_reference"]), "quality": json.loads(json.dumps(meta["quality"])),
                  "geometry": json.loads(json.dumps(meta.get("geometry") or {}))}
     assert source_digest(model, travelled) == pinned
+
+
+# --- a curious coordinator: model_hint as a probe for files at a site ---------------------------------------
+def test_model_hint_does_not_tell_the_coordinator_whether_a_file_exists(tmp_path, checkpoint):
+    """The coordinator names `model_hint`; a site answers the same (no model found, no error) whether that
+    path is missing, a patient file that is no checkpoint, or a folder."""
+    from flwr.app import Context, RecordDict as Records
+
+    from client.client_app import find_model
+    from grata.federation.siteconfig import load_source
+
+    secret = tmp_path / "ward7" / "patient_0042.png"
+    secret.parent.mkdir()
+    secret.write_bytes(b"\x89PNG not a checkpoint")
+    context = Context(run_id=1, node_id=1, node_config={}, state=Records(), run_config={})
+    digest = load_source(checkpoint)[2]
+    answers = [find_model(tmp_path / "state", context, {"model_digest": digest, "model_hint": str(hint)})
+               for hint in (tmp_path / "missing.pt", secret, secret.parent)]
+    assert answers == [None, None, None]
+    assert find_model(tmp_path / "state", context, {"model_digest": digest, "model_hint": str(checkpoint)}) == checkpoint
