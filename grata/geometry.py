@@ -175,24 +175,18 @@ def _refine_centre(z: torch.Tensor, valid: torch.Tensor, s_lo: float, s_hi: floa
     return float((weight * yy).sum() / total), float((weight * xx).sum() / total)
 
 
-def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: float = 0.45, refine: bool = True
-                ) -> tuple[float, float, float, float]:
+def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: float = 0.45, refine: bool = True,
+                field: tuple[torch.Tensor | None, torch.Tensor] | None = None) -> tuple[float, float, float, float]:
     """The strongest bright blob of a fundus image [3, H, W] in [0, 1]: (cy, cx, radius, contrast),
     centre and radius as fractions of the side, radius uncalibrated (sqrt(2) x the best LoG sigma).
 
     Works on a WORK px copy. Outside the field of view the image is set to the field's median so
     the black surround makes no blob; the frame is padded with that median as well, so a disc that
-    fills the frame is still scored at its scale.
+    fills the frame is still scored at its scale. field: `_field_z(image)` when the caller has it.
     """
-    small = F.interpolate(image[None].float(), size=(WORK, WORK), mode="area")[0]
-    fov = field_of_view(small)
-    grey = small.mean(0)
-    if fov.float().mean() < 0.05:
+    z, fov = field if field is not None else _field_z(image)
+    if z is None:
         return 0.5, 0.5, 0.0, 0.0
-    inside = grey[fov]
-    med = inside.quantile(BACKGROUND_QUANTILE)  # the retina around the disc: what the padding stands for
-    spread = (inside - med).abs().median().clamp_min(1e-3) * 1.4826  # robust std of the field
-    z = torch.where(fov, (grey - med) / spread, torch.zeros_like(grey))
     pad = WORK // 2
     z = F.pad(z[None, None], (pad, pad, pad, pad), value=0.0)
     valid = F.pad(fov[None, None].float(), (pad, pad, pad, pad))
@@ -228,17 +222,18 @@ def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: floa
     return (y + 0.5) / WORK, (x + 0.5) / WORK, s * math.sqrt(2) / WORK, float(value)
 
 
-def _field_z(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The WORK px brightness map the detector reads: grey level inside the field of view, in robust
-    spreads above the field's 30th percentile, 0 outside; with the field-of-view mask. None: no field."""
+def _field_z(image: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(z, fov) of an image [3, H, W]: the WORK px brightness map the detector reads (grey level inside
+    the field of view, in robust spreads above the field's 30th percentile, 0 outside; None when the
+    field covers under 5 % of the frame) and the field-of-view mask [WORK, WORK]."""
     small = F.interpolate(image[None].float(), size=(WORK, WORK), mode="area")[0]
     fov = field_of_view(small)
     if fov.float().mean() < 0.05:
-        return None
+        return None, fov
     grey = small.mean(0)
     inside = grey[fov]
-    med = inside.quantile(BACKGROUND_QUANTILE)
-    spread = (inside - med).abs().median().clamp_min(1e-3) * 1.4826
+    med = inside.quantile(BACKGROUND_QUANTILE)  # the retina around the disc: what the padding stands for
+    spread = (inside - med).abs().median().clamp_min(1e-3) * 1.4826  # robust std of the field
     return torch.where(fov, (grey - med) / spread, torch.zeros_like(grey)), fov
 
 
@@ -255,11 +250,10 @@ def disc_centre(image: torch.Tensor, est: DiscEstimate, clip: float = 0.3, reach
     widened training images (RIM_ONE_r2, labelled, field scales 0.6 and 0.4; docs/geometry.md)."""
     if image.ndim == 4:
         image = image[0]
-    got = _field_z(image)
+    z, fov = _field_z(image)
     r = est.radius * WORK
-    if got is None or r < 1 or not est.found:
+    if z is None or r < 1 or not est.found:
         return est.cy, est.cx
-    z, fov = got
     yy, xx = torch.meshgrid(torch.arange(WORK, dtype=z.dtype) + 0.5, torch.arange(WORK, dtype=z.dtype) + 0.5,
                             indexing="ij")
     dist = torch.hypot(yy - est.cy * WORK, xx - est.cx * WORK)
@@ -285,8 +279,9 @@ def estimate_disc(image: torch.Tensor, reference: dict) -> DiscEstimate:
     share / reference["disc_share"] says how much smaller (< 1) or larger the site images the disc."""
     if image.ndim == 4:
         image = image[0]
-    cy, cx, r, contrast = detect_blob(image)
-    field = field_of_view(F.interpolate(image[None].float(), size=(WORK, WORK), mode="area")[0]).float().mean().item()
+    z, fov = _field_z(image)  # read once: the detector's map and the field's share of the frame
+    cy, cx, r, contrast = detect_blob(image, field=(z, fov))
+    field = fov.float().mean().item()
     radius = r * reference.get("detector_gain", 1.0)
     share = math.pi * radius ** 2
     found = contrast >= reference.get("min_contrast", 1.0) and radius > 0
