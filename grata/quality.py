@@ -240,9 +240,9 @@ class QualityModel:
         values = np.array([*self.mean, *self.scale, *self.coef, self.intercept], dtype=float)
         if not np.isfinite(values).all() or min(self.scale) <= 0:
             raise ValueError("quality model: every mean, scale, coef and the intercept must be finite, every scale > 0")
-        if quality_version(self.to_dict()) > QUALITY_VERSION:
-            raise ValueError(f"quality model version {quality_version(self.to_dict())} is newer than this "
-                             f"code's {QUALITY_VERSION}")
+        version = quality_version(self.to_dict())
+        if version > QUALITY_VERSION:
+            raise ValueError(f"quality model version {version} is newer than this code's {QUALITY_VERSION}")
 
     @classmethod
     def fit(cls, rows: list[dict[str, float]], dice: list[float], names: list[str], alpha: float = 1.0) -> "QualityModel":
@@ -326,7 +326,7 @@ class QualityMonitor:
     def __init__(self, model: torch.nn.Module, quality: QualityModel | dict, plan) -> None:
         self.quality = quality if isinstance(quality, QualityModel) else QualityModel.from_dict(quality)
         self.plan = plan
-        self.last_features: dict[str, list[dict[str, float]]] = {}  # per image, of the last assess: for studies
+        self.last_features: dict[str, list[dict[str, float]]] = {}  # per image, set by Adapter._decide: for studies
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -349,12 +349,6 @@ class QualityMonitor:
                  for lg in (logits, src)]
         return feats[0], feats[1], src
 
-    @torch.no_grad()
-    def assess(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[list[float], list[float], torch.Tensor]:
-        """(estimated Dice of `logits` [B,2,H,W], of the source model's prediction, the source's logits)."""
-        fa, fs, src = self.crop_features(x, logits)
-        self.last_features = {"adapted": fa, "source": fs}
-        return [self.quality.predict(f) for f in fa], [self.quality.predict(f) for f in fs], src
 
 
 def fit_quality(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, limit: int = 80,
@@ -451,7 +445,8 @@ def frame_features(disc_prob: torch.Tensor, box: tuple[int, int, int] | None, pr
     border = np.concatenate([blob[ys0, xs0:xs1 + 1], blob[ys1, xs0:xs1 + 1], blob[ys0:ys1 + 1, xs0], blob[ys0:ys1 + 1, xs1]])
     f["geo_crop_edge"] = float(border.mean()) if border.size else 0.0
     yy, xx = (np.mgrid[:s, :s] + 0.5) / s
-    for name, other in (("det", detector), ("probe", None if probe_disc is None else _centre(_disc_blob(probe_disc.float().cpu())))):
+    probe_blob = None if probe_disc is None else _disc_blob(probe_disc.float().cpu())
+    for name, other in (("det", detector), ("probe", None if probe_blob is None else _centre(probe_blob))):
         if other is None or other[2] <= 0 or not blob.any():
             f[f"geo_{name}_scale"], f[f"geo_{name}_shift"], f[f"geo_{name}_iou"] = 2.0, 2.0, 0.0
             continue
@@ -459,5 +454,5 @@ def frame_features(disc_prob: torch.Tensor, box: tuple[int, int, int] | None, pr
         f[f"geo_{name}_scale"] = abs(math.log(r / orad))
         f[f"geo_{name}_shift"] = math.hypot(cy - oy, cx - ox) / orad
         circle = ((yy - oy) ** 2 + (xx - ox) ** 2) <= orad ** 2
-        f[f"geo_{name}_iou"] = _iou(blob, circle if name == "det" else _disc_blob(probe_disc.float().cpu()))
+        f[f"geo_{name}_iou"] = _iou(blob, circle if name == "det" else probe_blob)
     return f
