@@ -178,41 +178,36 @@ def ensure_source(cfg: TrainSourceConfig, base: Path | None) -> Path:
     if model is None or unfinished or "quality" not in meta:
         print(f"no source model (or no quality model) at {full}: training or completing it first")
         train(TrainSourceConfig(data=cfg.data, model=cfg.model, train=cfg.train, checkpoint=str(full)), base)
-    else:
-        if not meta.get("geometry"):
-            add_geometry(full, cfg.data, base, (model, meta))
-        if quality_version(meta.get("quality")) < QUALITY_VERSION:
-            add_quality(full, cfg.data, cfg.train, base, (model, meta))
+    elif not meta.get("geometry") or quality_version(meta.get("quality")) < QUALITY_VERSION:
+        complete_metadata(full, cfg.data, cfg.train, base, (model, meta))
     return full
 
 
-def add_quality(path: Path, data: DataConfig, train_cfg: TrainConfig, base: Path | None,
-                loaded: tuple[ResUNet, dict] | None = None) -> dict:
-    """A checkpoint whose quality model is older than QUALITY_VERSION: refit it on the training split
-    (grata.quality.fit_quality) and write it into the checkpoint. The weights stay; the source digest
-    (weights and metadata, the quality model included) changes, so a site pins the digest of the
-    completed checkpoint, as for add_geometry."""
+def complete_metadata(path: Path, data: DataConfig, train_cfg: TrainConfig, base: Path | None,
+                      loaded: tuple[ResUNet, dict] | None = None) -> dict:
+    """A checkpoint from before the geometry step, or with a quality model older than QUALITY_VERSION
+    (`loaded`: its (model, metadata) when already read): what it lacks, measured on its training split
+    (read at most once) and written into the checkpoint in one save. The weights stay; the source
+    digest (weights and metadata) changes, so a site pins the digest of the completed checkpoint
+    (simulations/deploy_local.py does). Returns the metadata."""
     model, meta = loaded or load_checkpoint(path)
-    images, masks = load_split(data, "train", base)
-    t0 = time.perf_counter()
-    meta["quality"] = fit_quality(model.eval(), images, masks, limit=train_cfg.quality_images, seed=train_cfg.seed)
-    save_checkpoint(path, model, **meta)
-    print(f"{path}: refitted the quality model (version {QUALITY_VERSION}, "
-          f"{meta['quality']['info']['images']} images, {time.perf_counter() - t0:.0f}s)")
-    return meta["quality"]
+    split: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def train_split() -> tuple[torch.Tensor, torch.Tensor]:
+        if not split:
+            split.append(load_split(data, "train", base))
+        return split[0]
 
-def add_geometry(path: Path, data: DataConfig, base: Path | None,
-                 loaded: tuple[ResUNet, dict] | None = None) -> dict:
-    """A checkpoint from before the geometry step (`loaded`: its (model, metadata) when already read):
-    its source's disc scale, measured on the training split's masks, written into the checkpoint.
-    The weights stay; the source digest (weights and metadata) changes, so a site pins the digest of
-    the completed checkpoint (simulations/deploy_local.py does)."""
-    model, meta = loaded or load_checkpoint(path)
-    ensure_reference(meta, lambda: load_split(data, "train", base))
+    if not meta.get("geometry"):
+        ensure_reference(meta, train_split)
+        print(f"{path}: added the source's disc geometry (disc share {meta['geometry']['disc_share']:.3f})")
+    if quality_version(meta.get("quality")) < QUALITY_VERSION:
+        t0 = time.perf_counter()
+        meta["quality"] = fit_quality(model.eval(), *train_split(), limit=train_cfg.quality_images, seed=train_cfg.seed)
+        print(f"{path}: refitted the quality model (version {QUALITY_VERSION}, "
+              f"{meta['quality']['info']['images']} images, {time.perf_counter() - t0:.0f}s)")
     save_checkpoint(path, model, **meta)
-    print(f"{path}: added the source's disc geometry (disc share {meta['geometry']['disc_share']:.3f})")
-    return meta["geometry"]
+    return meta
 
 
 ConfigStore.instance().store(name="train_source_schema", node=TrainSourceConfig)

@@ -201,7 +201,6 @@ def test_one_method_on_every_path_across_a_process_restart(tmp_path, checkpoint)
     from client.site import Site, SiteConfig, chunk, open_site_data
     from grata.config import DataConfig, MethodConfig
     from grata.models import load_checkpoint
-    from grata.train_source import add_geometry
     from simulations.evaluate import evaluate_method
     from tests.conftest import tiny_config
 
@@ -210,7 +209,6 @@ def test_one_method_on_every_path_across_a_process_restart(tmp_path, checkpoint)
     cfg = tiny_config(tmp_path, checkpoint)
     data = {**cfg.data.__dict__, "sites": ["gamma"], "targets": ["gamma"], "target_split": "test"}
     site_cfg = SiteConfig(data=data, adapter=preset["adapter"], options=options, rounds=2, overlays=0)
-    add_geometry(checkpoint, DataConfig(**data), None)  # the default's geometry step needs the source's disc scale
     model, meta = load_checkpoint(checkpoint)
     _, rows = evaluate_method("fedgrata", MethodConfig(preset["adapter"], options), model, DataConfig(**data), None,
                               seed=0, shift_reference=meta["shift_reference"], quality=meta["quality"],
