@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--targets", nargs="+", default=["RIM_ONE_r1", "RIM_ONE_r3", "Drishti_GS"])
     parser.add_argument("--clips", nargs="+", type=float, default=[0.15, 0.3, 0.5, 0.7])
     parser.add_argument("--source", action="store_true", help="the source's widened training images instead")
-    parser.add_argument("--root", default="/work/shared/data/fundus")
+    parser.add_argument("--root", default="../shared/data/fundus")
     parser.add_argument("--reference", default="bench/results/geometry_reference_source_fundus_RIM_ONE_r2_resnet34_256.json")
     parser.add_argument("--out", type=Path, default=Path("bench/results/geometry_centre.json"))
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--targets", nargs="+", default=["RIM_ONE_r1", "RIM_ONE_r3", "Drishti_GS"])
     parser.add_argument("--checkpoint", default="checkpoints/source_fundus_RIM_ONE_r2_resnet34_256.pt")
-    parser.add_argument("--root", default="/work/shared/data/fundus")
+    parser.add_argument("--root", default="../shared/data/fundus")
     parser.add_argument("--out", type=Path, default=Path("bench/results/geometry_probe.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -80,7 +80,7 @@ def main(argv=None):
     opts = dict(lr=a.lr, aux="ent", pse="consis", bn=a.bn, bn_source_weight=a.bnw, dynamic_lr=True, entropy_form="reference",
                 ensemble=True, fallback=False, guard=5.0,
                 auto_warmup=a.warmup)
-    data = DataConfig(kind=a.kind, size=a.size, synthetic_test=a.images, root="/work/shared/data/fundus", source="clean")
+    data = DataConfig(kind=a.kind, size=a.size, synthetic_test=a.images, root="../shared/data/fundus", source="clean")
     sites = {}
     for spec in a.sites:
         name, _, join = spec.partition("@")

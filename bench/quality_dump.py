@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data", choices=sorted(SOURCE), default="fundus")
-    ap.add_argument("--root", default="/work/shared/data/fundus")
+    ap.add_argument("--root", default="../shared/data/fundus")
     ap.add_argument("--method", default="fedgrata")
     ap.add_argument("--target", default="Drishti_GS")
     ap.add_argument("--split", default="all")

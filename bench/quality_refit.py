@@ -1,7 +1,7 @@
 """Refit a checkpoint's quality model (grata.quality.fit_quality, version 2) into a copy,
 weights untouched: what `ensure_source` does to an older checkpoint, on a named file.
 
-    python -m bench.quality_refit --checkpoint <old.pt> --out <new.pt> [--root /work/shared/data/fundus]
+    python -m bench.quality_refit --checkpoint <old.pt> --out <new.pt> [--root ../shared/data/fundus]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", choices=sorted(SOURCE), default="fundus")
-    ap.add_argument("--root", default="/work/shared/data/fundus")
+    ap.add_argument("--root", default="../shared/data/fundus")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--images", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
