@@ -38,9 +38,11 @@ PLAIN_METRICS = COUNT_KEYS - {"stats_images"} | DICE_KEYS | {
     "seconds", "guard_resets", "dice_proxy", "fallback_share",
     "align_cos_mean", "align_cos_std", "align_cos_hist", "align_neg_share", "lr_mean", "entropy", "consistency",
     "geo_cropped_share", "geo_zoom"}  # the crop protocol (grata/geometry.py crop_summary): plain variants only
-# metrics with a fixed range: a value outside it is a lying or broken site (the crop's zoom is frame side /
-# crop side: at least 1 / 1.5 (keep_whole's largest crop), at most 64 (a crop of under 2 % of the side))
-RANGES = {"geo_cropped_share": (0.0, 1.0), "geo_zoom": (0.5, 64.0)}
+# metrics with a fixed range, and why no honest site leaves it: a value outside is a lying or broken site
+# (the crop's zoom is frame side / crop side: at least 1 / 1.5 (keep_whole's largest crop), at most 64
+# (a crop of under 2 % of the side))
+RANGES = {**{k: (0, MAX_IMAGES, "a count no site can have") for k in COUNT_KEYS},
+          "geo_cropped_share": (0.0, 1.0, "a share"), "geo_zoom": (0.5, 64.0, "a crop no geometry step makes")}
 PRIVATE_METRICS = COUNT_KEYS | DICE_KEYS | {"dice_proxy"}  # the proxy arrives noised (grata/privacy.py)
 LISTS = {"align_cos_hist": COSINE_BINS}  # the only list-valued metric, and its exact length
 PRIVACY_KEYS = {"dp_epsilon", "dp_delta", "dp_noise_std", "dp_proxy_std", "dp_released"}
@@ -137,10 +139,9 @@ def audit(reply: Mapping[str, Mapping[str, Any]], allowed: Rules, required: Rule
                 size, item = len(json.dumps(value)), {"kind": "ConfigRecord", "shape": (1,)}
             else:
                 values = _scalar(record_name, key, value)
-                if key in COUNT_KEYS and not 0 <= values[0] <= MAX_IMAGES:
-                    raise ReplyRejected(f"{record_name}.{key}={values[0]} is outside [0, {MAX_IMAGES}]: a count no site can have")
                 if key in RANGES and not RANGES[key][0] <= values[0] <= RANGES[key][1]:
-                    raise ReplyRejected(f"{record_name}.{key}={values[0]} is outside {list(RANGES[key])}")
+                    lo, hi, why = RANGES[key]
+                    raise ReplyRejected(f"{record_name}.{key}={values[0]} is outside [{lo}, {hi}]: {why}")
                 size, item = len(json.dumps(value)), {"kind": "MetricRecord", "shape": (len(values),)}
             inventory.append({"record": record_name, "key": key, **item, "bytes": size})
             total += size
