@@ -10,11 +10,14 @@ native, channels-last) and on the fp32 faithful path. Writes bench/results/geome
 The retry (a second adapter step on a corrected crop) is not in this figure: its rate is counted
 per target by the Dice runs (`geo_retried` in per_image.csv) and reported in docs/geometry.md.
 
-Per path (with --checkpoint and the fundus data): the whole placement, `GeometryStep.plan` with the
-real source model's probe (detector + disc centre + every probe pass), timed per image on
-`per-target` images of each real target at each field scale, grouped by the path the image took
-(kept whole / near-scale crop / wider field), against one fast forward at `size` px; and the probe
-passes counted (honest count: a probe at the frame's size is one forward).
+Per path (with --checkpoint and the fundus data): what the geometry step adds to segmenting an
+image, timed per image on `per-target` images of each real target at each field scale: the source
+adapter's adapt-and-predict with geometry=auto (detector, disc centre, every probe pass, the step's
+own pass, a retry if any, map back) less the same adapter's adapt-and-predict without it (median over
+a sample of the images), in units of one fast forward at `size` px; grouped by the path the image
+took (kept whole / near-scale crop / wider field), by target and scale, and over all images. The
+probe passes the step did not reuse are counted too (`geo_extra_passes`: a probe whose input the
+step segments is the step's own first pass).
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.6, 0.4])
     parser.add_argument("--targets", nargs="+", default=["RIM_ONE_r1", "RIM_ONE_r3", "Drishti_GS"])
     parser.add_argument("--per-target", type=int, default=12)
+    parser.add_argument("--options", default="{}", help="GeometryStep options as JSON, e.g. '{\"refine\": 1}'")
+    parser.add_argument("--name", default="geometry", help="bench/results/<name>.json")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,27 +94,33 @@ def main(argv: list[str] | None = None) -> dict:
               "cropped_share": sum(not b.is_whole(args.size, args.size) for b in boxes) / len(boxes)}
     paths = _per_path(args, forward["fast"]["median"]) if Path(args.checkpoint).is_file() and Path(args.root).is_dir() else []
     if paths:
-        md += "\n\n" + table(paths, [("path", "path", ""), ("images", "images", "d"), ("probes", "probes / image", ".2f"),
-                                     ("median_ms", "placement ms", ".1f"), ("forward_ms", "one forward ms", ".1f"),
-                                     ("extra_forwards", "extra forwards", ".2f")])
+        md += "\n\n" + table(paths, [("path", "path / cell", ""), ("images", "images", "d"),
+                                     ("probes", "unreused probes / image", ".2f"), ("median_ms", "added ms (median)", ".1f"),
+                                     ("forward_ms", "one forward ms", ".1f"), ("extra_forwards", "extra forwards (median)", ".2f"),
+                                     ("mean_extra_forwards", "extra forwards (mean)", ".2f")])
     result["paths"] = paths
-    publish("geometry", args, md, **result)
+    publish(args.name, args, md, **result)
     return result
 
 
 def _per_path(args, _synthetic_forward: float) -> list[dict]:
-    """The default placement's cost per path, with the real source model (see the module docstring)."""
+    """The default geometry step's cost per path, with the real source model (see the module docstring).
+
+    Per image: the source adapter's whole adapt-and-predict with geometry=auto (placement, probes, the
+    step's own single pass, map back) less one forward at `size` px: what the geometry step adds.
+    A probe whose input the step then segments is the step's own first pass (counted once)."""
     import json
 
     from grata.adapters import build_adapter
     from grata.config import DataConfig, open_domain
+    from grata.geometry import GeometryStep
     from grata.models import load_checkpoint
 
     model, meta = load_checkpoint(args.checkpoint)
     cache = Path("bench/results") / f"geometry_reference_{Path(args.checkpoint).stem}.json"
     ref = meta.get("geometry") or json.loads(cache.read_text())
     adapter = build_adapter("source", model, geometry="auto", geometry_reference=ref)
-    step = adapter.geometry
+    adapter.geometry = GeometryStep(ref, **json.loads(args.options))
     base = DataConfig(kind="fundus", root=args.root, size=args.size, source="RIM_ONE_r2", targets=args.targets,
                       target_split="all")
     images = []
@@ -117,22 +128,27 @@ def _per_path(args, _synthetic_forward: float) -> list[dict]:
         data = DataConfig(**{**vars(base), "field_scale": scale})
         for target in args.targets:
             ds = open_domain(data, target, "all")
-            images += [ds[i].image[None] for i in range(0, len(ds), max(1, len(ds) // args.per_target))][: args.per_target]
+            picked = [ds[i].image[None] for i in range(0, len(ds), max(1, len(ds) // args.per_target))]
+            images += [(f"{target} x{scale:g}", x) for x in picked[: args.per_target]]
+    plain = build_adapter("source", model)  # the same step without the geometry step: the baseline
+    for _, x in images[:2]:
+        plain.adapt_and_predict(x)
+    sample = images[:: max(1, len(images) // 20)]
     with torch.no_grad():
-        for x in images[:2]:
-            adapter.forward(x)
-        fwd = spread([timed(lambda x=x: adapter.forward(x)) for x in images[:: max(1, len(images) // 20)]])["median"]
-        groups: dict[str, list[tuple[float, float]]] = {}
-        for x in images:
-            out = {}
-            t = timed(lambda x=x: out.update(plan=step.plan(x, adapter._probe)))
-            box, _, extra = out["plan"]
-            path = "wider field" if extra["geo_wide"] else (
-                "kept whole" if box.is_whole(args.size, args.size) else "near-scale crop")
-            groups.setdefault(path, []).append((t, extra["geo_probes"]))
+        fwd = spread([timed(lambda x=x: plain.forward(x)) for _, x in sample])["median"]
+    base_step = spread([timed(lambda x=x: plain.adapt_and_predict(x)) for _, x in sample])["median"]
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for cell, x in images:
+        t = timed(lambda x=x: adapter.adapt_and_predict(x)) - base_step + fwd
+        last = adapter.last_step
+        path = "wider field" if last["geo_wide"] else ("near-scale crop" if last["geo_cropped"] else "kept whole")
+        for key in (path, cell, "all images"):
+            groups.setdefault(key, []).append((t - fwd, last["geo_extra_passes"]))
     return [{"path": p, "images": len(v), "probes": sum(n for _, n in v) / len(v),
-             "median_ms": spread([t for t, _ in v])["median"] * 1e3, "forward_ms": fwd * 1e3,
-             "extra_forwards": spread([t for t, _ in v])["median"] / fwd} for p, v in groups.items()]
+             "median_ms": spread([t for t, _ in v])["median"] * 1e3,
+             "mean_ms": sum(t for t, _ in v) / len(v) * 1e3, "forward_ms": fwd * 1e3,
+             "extra_forwards": spread([t for t, _ in v])["median"] / fwd,
+             "mean_extra_forwards": sum(t for t, _ in v) / len(v) / fwd} for p, v in groups.items()]
 
 
 def _ms(s: dict) -> dict:

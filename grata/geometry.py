@@ -407,6 +407,11 @@ class GeometryStep:
     takes the wider-field path without the whole-image probe (0: always probe). probe_size: the
     refinement probes' resolution (0: the frame's; below it, a probe re-centres only and keeps the
     crop's side, because the model's disc size is not reliable off its training resolution).
+    reuse_settled: when refinement settles, segment the crop the last probe looked at (that probe is
+    then the step's own first pass: one forward less per cropped image) instead of the settled re-centred
+    crop; off because it cost 0.7 Dice on the x0.6 wider fields (docs/geometry.md, "Cost").
+    The step's input is the last probe's very tensor whenever the final crop is the one it looked at
+    (always on the kept-whole path), so an adapter reuses that pass (`Adapter._probe`).
     """
     reference: dict
     keep_whole: float = 0.9
@@ -422,6 +427,7 @@ class GeometryStep:
     centre: str = "disc"
     settle: float = 0.04
     sure_wide: float = 0.5
+    reuse_settled: bool = False
 
     def __post_init__(self) -> None:
         missing = {"disc_share", "detector_gain"} - set(self.reference)
@@ -443,6 +449,7 @@ class GeometryStep:
             raise ValueError(f"geometry route={self.route} (0, 1], refine={self.refine} >= 0, gain={self.gain} "
                              f"[1, 3], min_contrast={self.min_contrast} >= 0, aperture={self.aperture} (0, 1]")
         self.last: dict[str, float] = {}
+        self._probed: tuple[Box, torch.Tensor] | None = None  # the last full-size probe's (box, input)
         self.boxes: list[tuple[Box, int]] = []  # the last call's (box, frame side) per image
 
     def _box_at(self, cy: float, cx: float, share: float, size: int) -> Box:
@@ -492,7 +499,17 @@ class GeometryStep:
             x = images if n == size else crop(images, box, n)
         else:
             x = _minmax(crop(images, box, n))
+        if n == size:  # the step's input, should the crop stay here: the adapter reuses this pass
+            self._probed = (box, x)
         return predicted_disc(probe(x), box, size)
+
+    def _input(self, images: torch.Tensor, box: Box) -> torch.Tensor:
+        """The step's input for `box` of images [1, 3, S, S]: the last probe's very tensor when it looked
+        at this box (so the adapter's first pass is that probe's), else the crop, min-max normalised."""
+        _, _, h, w = images.shape
+        if self._probed is not None and self._probed[0] == box:
+            return self._probed[1]
+        return images if box.is_whole(h, w) else _minmax(crop(images, box, h))
 
     def _settled(self, nxt: Box, box: Box) -> bool:
         """The next crop is (nearly) the current one: its centre moved less than `settle` of the side and
@@ -540,28 +557,35 @@ class GeometryStep:
                 break
             nxt = self._recentre(disc, box, h, keep_side=bool(self.probe_size) and self.probe_size != h)
             refined += 1
-            settled = nxt.is_whole(h, w) or self._settled(nxt, box)
+            settled = self._settled(nxt, box)
+            if settled and self.reuse_settled:  # keep the probed crop: its pass becomes the step's first
+                break
             box = nxt
-            if settled:
+            if settled or box.is_whole(h, w):
                 break
         return box, est, {"geo_wide": float(wide), "geo_model_side": model_side, "geo_refined": float(refined),
                           "geo_field": est.field, "geo_probes": float(probes)}
 
     def apply(self, step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
               snapshot: Callable[[], object] | None = None, restore: Callable[[object], None] | None = None,
-              probe: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+              probe: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              reused: Callable[[], int] | None = None) -> torch.Tensor:
         """Run `step` (the adapter's adapt-and-predict on [1, 3, S, S] -> logits [1, 2, S, S]) on the
         disc's crop; returns logits in the original frame. probe: the model's forward with the
-        adapter's current parameters (no adaptation, no statistics update) for placing the crop.
-        snapshot/restore: the adapter's state, so a retry starts from where the wrong crop's step began."""
+        adapter's current parameters (no adaptation, no statistics update) for placing the crop; the
+        step gets the last probe's very input tensor when the crop stays where it looked, so an adapter
+        can reuse that pass as its first. reused: the adapter's running count of probes so reused
+        (diagnostic `geo_extra_passes`: probes that were not). snapshot/restore: the adapter's state,
+        so a retry starts from where the wrong crop's step began."""
         if images.shape[0] != 1:  # one crop per image; batches go image by image
             outs, boxes = [], []
             for x in images:
-                outs.append(self.apply(step, x[None], snapshot, restore, probe))
+                outs.append(self.apply(step, x[None], snapshot, restore, probe, reused))
                 boxes += self.boxes
             self.boxes = boxes
             return torch.cat(outs)
         _, _, h, w = images.shape
+        self._probed = None
         if not self.use_model:
             probe = None
         if probe is not None:
@@ -569,11 +593,13 @@ class GeometryStep:
         else:
             est, extra = estimate_disc(images[0], self.reference), {}
             box = self.choose_box(est, h)
+        claimed = reused() if reused is not None else 0
         if box.is_whole(h, w):
-            self.last = self._record(est, box, h, retried=False, extra=extra)
-            return step(images)
+            logits = step(self._input(images, box))
+            self.last = self._record(est, box, h, retried=False, extra=self._extra(extra, reused, claimed))
+            return logits
         saved = snapshot() if (self.retry and snapshot is not None) else None
-        logits = step(_minmax(crop(images, box, h)))
+        logits = step(self._input(images, box))
         retried = False
         if self.retry:  # the adapter's own answer on the crop: a crop with no disc in it goes back to the image
             better = Box.whole(h, w) if probe is not None and predicted_disc(logits, box, h) is None else (
@@ -583,8 +609,15 @@ class GeometryStep:
                     restore(saved)
                 box, retried = better, True
                 logits = step(images if box.is_whole(h, w) else _minmax(crop(images, box, h)))
-        self.last = self._record(est, box, h, retried, extra)
+        self.last = self._record(est, box, h, retried, self._extra(extra, reused, claimed))
         return logits if box.is_whole(h, w) else paste(logits, box, (h, w))
+
+    @staticmethod
+    def _extra(extra: dict[str, float], reused: Callable[[], int] | None, claimed: int) -> dict[str, float]:
+        """The plan's diagnostics plus `geo_extra_passes`: its probes less the one the step reused."""
+        if "geo_probes" not in extra or reused is None:
+            return extra
+        return {**extra, "geo_extra_passes": extra["geo_probes"] - (reused() - claimed)}
 
     def to_frame(self, probs: torch.Tensor | None) -> torch.Tensor | None:
         """Probabilities [B, C, s, s] the step made on the last call's crops -> the original frames

@@ -100,8 +100,11 @@ class AdaptiveNorm(nn.Module):
         self.register_buffer("site_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("pooled_m1", self.running_mean.clone())
         self.register_buffer("pooled_m2", self.running_var + self.running_mean**2)
-        self.observe_next = False  # set by the adapter: the next forward is the image's own pass
+        self.observe_next: bool | str = False  # set by the adapter: the next forward is the image's own pass
         self.last_image_moments: tuple[torch.Tensor, torch.Tensor] | None = None
+        # observe_next="defer": the layer's input waits here until the pass is claimed as the image's own
+        # one (a geometry probe that the adapter's step reuses); an unclaimed probe costs and leaves nothing
+        self.pending: torch.Tensor | None = None
 
     def set_pooled(self, m1: torch.Tensor, m2: torch.Tensor) -> None:
         self.pooled_m1.copy_(m1)
@@ -116,6 +119,12 @@ class AdaptiveNorm(nn.Module):
         self.site_m2.lerp_(m2.mean(0), rate)
         self.last_image_moments = (m1, m2)
 
+    def commit_pending(self) -> None:
+        """The deferred pass was the image's own: fold its moments in now (see observe_next)."""
+        if self.pending is not None:
+            self._observe(*image_moments(self.pending))
+            self.pending = None
+
     @property
     def last_shift(self) -> float | None:
         """The last observed batch's mean shift from the source statistics; computed only when asked
@@ -129,7 +138,9 @@ class AdaptiveNorm(nn.Module):
         """x [B, C, H, W] -> normalised and affinely transformed, same shape."""
         ws, wi, wsite, wp = self.policy.normalised()
         observe, self.observe_next = self.observe_next, False
-        if observe:
+        if observe == "defer":
+            self.pending = x.detach()
+        elif observe:
             self._observe(*image_moments(x))
         if wi == 1.0:  # the paper's policy: the fused kernels are exact and fastest
             if x.shape[0] == 1:

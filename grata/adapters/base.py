@@ -98,6 +98,8 @@ class Adapter:
         self.last_step: dict[str, float] = {}
         self.last_teacher: torch.Tensor | None = None  # the weak-view mean, when the last step computed one
         self.images_seen = 0
+        self._primed: tuple[torch.Tensor, bool, torch.Tensor] | None = None  # (input, grad, logits): _probe
+        self.primed_used = 0  # probes that were the step's own first pass (no extra forward)
         self._reset_auto()
 
     def use_policy(self, policy: StatsPolicy) -> None:
@@ -212,16 +214,21 @@ class Adapter:
         self._reset_auto()
         self._reset_guard()
 
+    def _norm_state(self) -> dict[str, torch.Tensor]:
+        """The BN layers' entries of the model's state_dict, same keys, read from those layers alone (the
+        geometry step snapshots this per image: the whole model's state_dict cost ~10 ms at ResNet-34)."""
+        if not hasattr(self, "_named_norms"):
+            self._named_norms = [(name, m) for name, m in self.model.named_modules() if isinstance(m, AdaptiveNorm)]
+        return {f"{name}.{k}": v for name, m in self._named_norms for k, v in m.state_dict().items()}
+
     def _norm_keys(self) -> set[str]:
-        names = {name for name, m in self.model.named_modules() if isinstance(m, AdaptiveNorm)}
-        return {k for k in self.model.state_dict() if k.rsplit(".", 1)[0] in names}
+        return set(self._norm_state())
 
     def state_dict(self) -> dict[str, Any]:
         """What adaptation changes, detached: the BN layers (affine parameters, site and pooled statistics),
         the optimizer and RNG. The frozen weights are the source model's and are not repeated here."""
-        keys = self._norm_keys()
         return copy.deepcopy({
-            "model": {k: v for k, v in self.model.state_dict().items() if k in keys},
+            "model": self._norm_state(),
             "pooled_weight": self.pooled_weight,
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "generator": self.generator.get_state(),
@@ -246,7 +253,15 @@ class Adapter:
     # --- the loop --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
         """One forward pass in the plan's precision and layout -> fp32 logits; observe=True marks it as
-        the images' own pass (site statistics update)."""
+        the images' own pass (site statistics update). The geometry step's last probe of exactly this
+        input, with the same parameters and gradient mode, is this pass: it is returned, not recomputed."""
+        primed, self._primed = self._primed, None
+        if primed is not None and primed[0] is x and primed[1] == torch.is_grad_enabled():
+            self.primed_used += 1
+            if observe:
+                for layer in self.norms:
+                    layer.commit_pending()
+            return primed[2]
         if observe:
             for layer in self.norms:
                 layer.observe_next = True
@@ -277,13 +292,15 @@ class Adapter:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         self.last_teacher = None
+        self._primed, self.primed_used = None, 0
         images = images.to(self.plan.device)
         self._verdicts: list[tuple[dict, dict, torch.Tensor, torch.Tensor]] = []
         if self.geometry is None:
             logits = self._judged_step(images)
         else:  # the step sees the disc's crop; logits and teacher come back in the original frame
             logits = self.geometry.apply(self._judged_step, images, self.state_dict, self._restore_retry,
-                                         probe=self._probe)
+                                         probe=self._probe, reused=lambda: self.primed_used)
+            self._primed = None  # an unclaimed probe's graph is not kept
             self.last_teacher = self.geometry.to_frame(self.last_teacher)
             self.last_step.update(self.geometry.last)
         self.last_step.update(self._update_auto())
@@ -296,11 +313,26 @@ class Adapter:
         self.images_seen += images.shape[0]
         return logits.detach().cpu()
 
-    @torch.no_grad()
+    first_pass_grad = True  # whether the step's first pass on its input builds a graph (see _probe)
+
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
         """One pass with the current parameters that adapts nothing and updates no statistics: where
-        the geometry step looks for the model's own disc."""
-        return self.forward(x)
+        the geometry step looks for the model's own disc. When the step then runs on this very input,
+        its first pass is this one (`forward`), so the probe costs no extra forward: it is computed in
+        the step's gradient mode, and its statistics are held back until claimed. Not under a policy
+        that normalises with the site's running statistics: there the image's own pass must update
+        them before it normalises, so the probe is a separate pass."""
+        self._primed = None
+        if any(layer.policy.normalised()[2] > 0 for layer in self.norms):
+            with torch.no_grad():
+                return self.forward(x)
+        grad = self.first_pass_grad and self.trains
+        with torch.set_grad_enabled(grad):
+            for layer in self.norms:
+                layer.observe_next = "defer"
+            logits = self.forward(x)
+        self._primed = (x, grad, logits)
+        return logits.detach()
 
     # --- knowing without labels: estimate, fall back, guard ----------------------------------------------
     def _judged_step(self, images: torch.Tensor) -> torch.Tensor:

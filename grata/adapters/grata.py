@@ -45,6 +45,10 @@ class GraTaAdapter(Adapter):
         self.aux, self.pse, self.dynamic_lr = aux, pse, dynamic_lr
         self.entropy_form, self.anchor = entropy_form, anchor
 
+    @property
+    def first_pass_grad(self) -> bool:  # the entropy loss's pass builds a graph; the consistency's teacher does not
+        return self.aux == "ent"
+
     def describe(self):
         return {**super().describe(), "aux": self.aux, "pse": self.pse, "dynamic_lr": self.dynamic_lr,
                 "entropy_form": self.entropy_form, "anchor": self.anchor}
