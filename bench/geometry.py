@@ -11,8 +11,8 @@ The retry (a second adapter step on a corrected crop) is not in this figure: its
 per target by the Dice runs (`geo_retried` in per_image.csv) and reported in docs/geometry.md.
 
 Per path (with --checkpoint and the fundus data): what the geometry step adds to segmenting an
-image, timed per image on `per-target` images of each real target at each field scale: the source
-adapter's adapt-and-predict with geometry=auto (detector, disc centre, every probe pass, the step's
+image, timed per image on `per-target` images of each real target at each field scale: `--method`'s
+adapter's adapt-and-predict (source: one forward; fedgrata: about 14 forwards plus the quality estimate) with geometry=auto (detector, disc centre, every probe pass, the step's
 own pass, a retry if any, map back) less the same adapter's adapt-and-predict without it (median over
 a sample of the images), in units of one fast forward at `size` px; grouped by the path the image
 took (kept whole / near-scale crop / wider field), by target and scale, and over all images. The
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.6, 0.4])
     parser.add_argument("--targets", nargs="+", default=["RIM_ONE_r1", "RIM_ONE_r3", "Drishti_GS"])
     parser.add_argument("--per-target", type=int, default=12)
+    parser.add_argument("--method", default="source", help="conf/method preset timed per path (its geometry on and off)")
     parser.add_argument("--options", default="{}", help="GeometryStep options as JSON, e.g. '{\"refine\": 1}'")
     parser.add_argument("--name", default="geometry", help="bench/results/<name>.json")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -104,12 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _per_path(args, _synthetic_forward: float) -> list[dict]:
-    """The default geometry step's cost per path, with the real source model (see the module docstring).
-
-    Per image: the source adapter's whole adapt-and-predict with geometry=auto (placement, probes, the
-    step's own single pass, map back) less one forward at `size` px: what the geometry step adds.
-    A probe whose input the step then segments is the step's own first pass (counted once)."""
+    """The geometry step's cost per path, with the real source model and `--method`'s adapter (see the
+    module docstring): per image, its adapt-and-predict with the step less the same preset's without
+    it (median over a sample), in forwards at `size` px. A probe the step reuses as its own first
+    pass is not counted twice."""
     import json
+
+    from omegaconf import OmegaConf
 
     from grata.adapters import build_adapter
     from grata.config import DataConfig, open_domain
@@ -119,8 +121,12 @@ def _per_path(args, _synthetic_forward: float) -> list[dict]:
     model, meta = load_checkpoint(args.checkpoint)
     cache = Path("bench/results") / f"geometry_reference_{Path(args.checkpoint).stem}.json"
     ref = meta.get("geometry") or json.loads(cache.read_text())
-    adapter = build_adapter("source", model, geometry="auto", geometry_reference=ref)
+    method = OmegaConf.to_container(OmegaConf.load(Path("conf/method") / f"{args.method}.yaml"))
+    options = {**method.get("options", {}), "geometry": "off"}
+    common = dict(shift_reference=meta.get("shift_reference"), quality=meta.get("quality"), **options)
+    adapter = build_adapter(method["adapter"], model, **{**common, "geometry": "auto"}, geometry_reference=ref)
     adapter.geometry = GeometryStep(ref, **json.loads(args.options))
+    plain = build_adapter(method["adapter"], model, **common)  # the same step without the geometry step
     base = DataConfig(kind="fundus", root=args.root, size=args.size, source="RIM_ONE_r2", targets=args.targets,
                       target_split="all")
     images = []
@@ -130,9 +136,10 @@ def _per_path(args, _synthetic_forward: float) -> list[dict]:
             ds = open_domain(data, target, "all")
             picked = [ds[i].image[None] for i in range(0, len(ds), max(1, len(ds) // args.per_target))]
             images += [(f"{target} x{scale:g}", x) for x in picked[: args.per_target]]
-    plain = build_adapter("source", model)  # the same step without the geometry step: the baseline
     for _, x in images[:2]:
         plain.adapt_and_predict(x)
+        adapter.adapt_and_predict(x)
+    adapter.reset()
     sample = images[:: max(1, len(images) // 20)]
     with torch.no_grad():
         fwd = spread([timed(lambda x=x: plain.forward(x)) for _, x in sample])["median"]

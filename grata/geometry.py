@@ -410,8 +410,8 @@ class GeometryStep:
     reuse_settled: when refinement settles, segment the crop the last probe looked at (that probe is
     then the step's own first pass: one forward less per cropped image) instead of the settled re-centred
     crop; off because it cost 0.7 Dice on the x0.6 wider fields (docs/geometry.md, "Cost").
-    The step's input is the last probe's very tensor whenever the final crop is the one it looked at
-    (always on the kept-whole path), so an adapter reuses that pass (`Adapter._probe`).
+    The step's input is the whole-image probe's very tensor when the image is kept whole (and a settled
+    refinement's with reuse_settled), so an adapter reuses that pass (`apply(..., first_pass=)`).
     """
     reference: dict
     keep_whole: float = 0.9
@@ -491,7 +491,8 @@ class GeometryStep:
         return self._recentre(disc, box, size)
 
     def _look(self, probe: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, box: Box, size: int,
-              full: bool = False) -> PredictedDisc | None:
+              full: bool = False, first_pass: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> PredictedDisc | None:
         """The model's disc in `box` of images [1, 3, S, S] from one probe pass: at the frame's size when
         `full` (the whole-image probe), else at `probe_size` px (0: the frame's size)."""
         n = size if full else (self.probe_size or size)
@@ -499,8 +500,9 @@ class GeometryStep:
             x = images if n == size else crop(images, box, n)
         else:
             x = _minmax(crop(images, box, n))
-        if n == size:  # the step's input, should the crop stay here: the adapter reuses this pass
+        if n == size and first_pass is not None:  # the step's input should the crop stay here: its first pass
             self._probed = (box, x)
+            probe = first_pass
         return predicted_disc(probe(x), box, size)
 
     def _input(self, images: torch.Tensor, box: Box) -> torch.Tensor:
@@ -517,7 +519,8 @@ class GeometryStep:
         shift = math.hypot(nxt.y0 + nxt.side / 2 - box.y0 - box.side / 2, nxt.x0 + nxt.side / 2 - box.x0 - box.side / 2)
         return shift <= self.settle * box.side and abs(nxt.side / box.side - 1) <= 2 * self.settle
 
-    def plan(self, images: torch.Tensor, probe: Callable[[torch.Tensor], torch.Tensor]
+    def plan(self, images: torch.Tensor, probe: Callable[[torch.Tensor], torch.Tensor],
+             first_pass: Callable[[torch.Tensor], torch.Tensor] | None = None
              ) -> tuple[Box, DiscEstimate, dict[str, float]]:
         """The crop for one image [1, 3, S, S], label-free: route on the detector and the model's
         whole-image disc, then refine on the model's disc in the crop. Returns (box, detector
@@ -535,7 +538,7 @@ class GeometryStep:
             seen, probes, model_side = None, 0, -1.0  # -1: not probed
             wide = True
         else:
-            seen = self._look(probe, images, whole, h, full=True)
+            seen = self._look(probe, images, whole, h, full=True, first_pass=first_pass)
             probes = 1
             model_side = math.sqrt(seen.share / ref) if seen is not None else 0.0
             wide = est.found and small_in_field and det_side < self.route * model_side
@@ -550,7 +553,7 @@ class GeometryStep:
             box = whole
         refined = 0
         while refined < self.refine and not box.is_whole(h, w):
-            disc = self._look(probe, images, box, h)
+            disc = self._look(probe, images, box, h, first_pass=first_pass if self.reuse_settled else None)
             probes += 1
             if disc is None:  # the model sees nothing in the crop: the estimate was wrong, use the image as is
                 box = whole
@@ -569,18 +572,20 @@ class GeometryStep:
     def apply(self, step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
               snapshot: Callable[[], object] | None = None, restore: Callable[[object], None] | None = None,
               probe: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              reused: Callable[[], int] | None = None) -> torch.Tensor:
+              reused: Callable[[], int] | None = None,
+              first_pass: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Run `step` (the adapter's adapt-and-predict on [1, 3, S, S] -> logits [1, 2, S, S]) on the
         disc's crop; returns logits in the original frame. probe: the model's forward with the
-        adapter's current parameters (no adaptation, no statistics update) for placing the crop; the
-        step gets the last probe's very input tensor when the crop stays where it looked, so an adapter
-        can reuse that pass as its first. reused: the adapter's running count of probes so reused
-        (diagnostic `geo_extra_passes`: probes that were not). snapshot/restore: the adapter's state,
+        adapter's current parameters (no adaptation, no statistics update) for placing the crop.
+        first_pass: the same pass made so that the adapter's step can reuse it as its own first pass
+        (used for the looks whose input may become the step's: the whole image, and refinements with
+        reuse_settled); the step then gets that look's very input tensor. reused: the adapter's
+        running count of passes so reused (diagnostic `geo_extra_passes`: probes that were not). snapshot/restore: the adapter's state,
         so a retry starts from where the wrong crop's step began."""
         if images.shape[0] != 1:  # one crop per image; batches go image by image
             outs, boxes = [], []
             for x in images:
-                outs.append(self.apply(step, x[None], snapshot, restore, probe, reused))
+                outs.append(self.apply(step, x[None], snapshot, restore, probe, reused, first_pass))
                 boxes += self.boxes
             self.boxes = boxes
             return torch.cat(outs)
@@ -589,7 +594,7 @@ class GeometryStep:
         if not self.use_model:
             probe = None
         if probe is not None:
-            box, est, extra = self.plan(images, probe)
+            box, est, extra = self.plan(images, probe, first_pass)
         else:
             est, extra = estimate_disc(images[0], self.reference), {}
             box = self.choose_box(est, h)

@@ -32,7 +32,7 @@ def _count_passes(adapter) -> list[int]:
 def _run(adapter, separate: bool, reuse_settled: bool = False):
     adapter.geometry = GeometryStep(REF, reuse_settled=reuse_settled)
     if separate:
-        adapter._probe = _separate_probe(adapter)
+        adapter._first_pass = _separate_probe(adapter)
     calls = _count_passes(adapter)
     outs, extra, probes = [], 0.0, 0.0
     for x in IMAGES:
@@ -61,7 +61,7 @@ def test_the_probe_is_the_steps_first_pass_with_the_same_answer(tiny_model, name
 
 def test_an_unclaimed_probe_leaves_no_statistics_and_no_graph(tiny_model):
     probed, fresh = (build_adapter("tent", tiny_model, bn="image") for _ in range(2))
-    probed._probe(IMAGES[1])  # looked at, then the step segments another input (a different crop)
+    probed._first_pass(IMAGES[1])  # looked at, then the step segments another input (a different crop)
     assert probed._primed is not None and probed._primed[2].requires_grad
     out = probed.adapt_and_predict(IMAGES[2])
     assert probed._primed is None and probed.primed_used == 0
@@ -75,7 +75,7 @@ def test_under_the_site_policy_the_probe_is_a_pass_of_its_own(tiny_model):
     probe (which must not update them) cannot be that pass."""
     adapter = build_adapter("bn", tiny_model, bn="site", site_momentum=0.1)
     before = adapter.state_dict()["model"]
-    adapter._probe(IMAGES[0])
+    adapter._first_pass(IMAGES[0])
     assert adapter._primed is None
     for key, value in before.items():
         assert torch.equal(adapter.state_dict()["model"][key], value), key

@@ -98,7 +98,7 @@ class Adapter:
         self.last_step: dict[str, float] = {}
         self.last_teacher: torch.Tensor | None = None  # the weak-view mean, when the last step computed one
         self.images_seen = 0
-        self._primed: tuple[torch.Tensor, bool, torch.Tensor] | None = None  # (input, grad, logits): _probe
+        self._primed: tuple[torch.Tensor, bool, torch.Tensor] | None = None  # (input, grad, logits): _first_pass
         self.primed_used = 0  # probes that were the step's own first pass (no extra forward)
         self._reset_auto()
 
@@ -299,7 +299,8 @@ class Adapter:
             logits = self._judged_step(images)
         else:  # the step sees the disc's crop; logits and teacher come back in the original frame
             logits = self.geometry.apply(self._judged_step, images, self.state_dict, self._restore_retry,
-                                         probe=self._probe, reused=lambda: self.primed_used)
+                                         probe=self._probe, reused=lambda: self.primed_used,
+                                         first_pass=self._first_pass)
             self._primed = None  # an unclaimed probe's graph is not kept
             self.last_teacher = self.geometry.to_frame(self.last_teacher)
             self.last_step.update(self.geometry.last)
@@ -313,19 +314,24 @@ class Adapter:
         self.images_seen += images.shape[0]
         return logits.detach().cpu()
 
-    first_pass_grad = True  # whether the step's first pass on its input builds a graph (see _probe)
-
+    @torch.no_grad()
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
         """One pass with the current parameters that adapts nothing and updates no statistics: where
-        the geometry step looks for the model's own disc. When the step then runs on this very input,
-        its first pass is this one (`forward`), so the probe costs no extra forward: it is computed in
-        the step's gradient mode, and its statistics are held back until claimed. Not under a policy
-        that normalises with the site's running statistics: there the image's own pass must update
-        them before it normalises, so the probe is a separate pass."""
+        the geometry step looks for the model's own disc."""
+        return self.forward(x)
+
+    first_pass_grad = True  # whether the step's first pass on its input builds a graph (see _first_pass)
+
+    def _first_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """A probe (`_probe`) that, should the step then run on this very input, is the step's own first
+        pass (`forward` returns it instead of recomputing): the geometry step's look at the whole image
+        costs no forward when the image is kept whole. Computed in the step's gradient mode, with the
+        BN layers' statistics held back until claimed (an unclaimed one leaves nothing). Not under a
+        policy that normalises with the site's running statistics: there the image's own pass updates
+        them before it normalises, so a probe, which must not update them, cannot be that pass."""
         self._primed = None
         if any(layer.policy.normalised()[2] > 0 for layer in self.norms):
-            with torch.no_grad():
-                return self.forward(x)
+            return self._probe(x)
         grad = self.first_pass_grad and self.trains
         with torch.set_grad_enabled(grad):
             for layer in self.norms:
