@@ -3,9 +3,10 @@
     python -m bench.geometry_centre [--scales 0.6 0.4] [--every 2] [--clips 0.15 0.3 0.5 0.7] [--source] [--root DIR]
 
 For every `every`-th image of each real target at each field scale: the classical detector's centre
-(`detect_blob`, the brightest compact part of the disc, near the cup) and `disc_centre` (the centre
-of the whole bright disc at the detector's scale, grata/geometry.py) at each brightness clip, as the
-distance from the mask's centre in true disc radii. --source: the source's own training images
+(`detect_blob`, the brightest compact part of the disc, near the cup), `disc_centre` (the centre
+of the whole bright disc at the detector's scale, grata/geometry.py) at each brightness clip, and
+`rim_centre` (the rim's circle in the red channel, started at `disc_centre`'s default clip), as the
+distance from the mask's centre in true disc radii; for the rim also its radius / the true radius. --source: the source's own training images
 (RIM_ONE_r2 train, widened the same way), where the clip is chosen. Labels score the estimates only.
 Writes bench/results/geometry_centre.json.
 """
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from grata.config import DataConfig, open_domain
     from grata.data import Sample
-    from grata.geometry import disc_centre, estimate_disc
+    from grata.geometry import disc_centre, estimate_disc, rim_centre
     from grata.train_source import load_split
     from grata.widefield import WideField
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ds = WideField([Sample(i, m, f"src{k}") for k, (i, m) in enumerate(zip(ims, masks))], scale)
             else:
                 ds = open_domain(data, target, "all")
-            offs: dict[str, list[float]] = {"detector": [], **{f"clip {c:g}": [] for c in args.clips}}
+            offs: dict[str, list[float]] = {"detector": [], **{f"clip {c:g}": [] for c in args.clips}, "rim": []}
             for i in range(0, len(ds), args.every):
                 s = ds[i]
                 m = s.mask[0] > 0
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for c in args.clips:
                     cy, cx = disc_centre(s.image, est, clip=c)
                     row[f"clip {c:g}"] = math.hypot(cy - ty, cx - tx) / rad
+                cy, cx, r = rim_centre(s.image, est, disc_centre(s.image, est))
+                row["rim"], row["rim_radius"] = math.hypot(cy - ty, cx - tx) / rad, r / rad
                 rows.append(row)
                 for k in offs:
                     offs[k].append(row[k])

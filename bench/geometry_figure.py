@@ -8,8 +8,9 @@ The synthetic demo's source model (ResUNet-18 trained on the clean style at 128 
 as at a site: its geometry reference comes from the checkpoint (or its clean training split). Rows:
 synthetic wide_field images; clean (disc-centred) images shrunk into a wider field at scale 0.4; the
 same at 0.6. Green: the true disc outline (drawn for the reader; the step never sees it); yellow: the
-classical detector's disc; dashed cyan: the detector's crop; solid cyan: the crop segmented after the
-refinements on the model's own disc (the title says which path was taken and the zoom).
+classical detector's disc; magenta: the rim's circle (`rim_centre`, where a wider-field crop starts);
+dashed cyan: the detector's crop; solid cyan: the crop segmented after the refinements on the model's
+own disc (the title says which path was taken and the zoom).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from grata.adapters import build_adapter
     from grata.config import DataConfig
-    from grata.geometry import GeometryStep, ensure_reference
+    from grata.geometry import GeometryStep, disc_centre, ensure_reference, rim_centre
     from grata.metrics import boundary
     from grata.models import load_checkpoint
     from grata.synthetic import SyntheticDomain
@@ -66,12 +67,15 @@ def main(argv: list[str] | None = None) -> Path:
             box, est, info = step.plan(image[None], adapter._probe)
             first = step.choose_box(est, size)
             ax.add_patch(Circle((est.cx * size, est.cy * size), est.radius * size, fill=False, ec="yellow", lw=1))
+            if info["geo_wide"]:
+                ry, rx, rr = rim_centre(image, est, disc_centre(image, est))
+                ax.add_patch(Circle((rx * size, ry * size), rr * size, fill=False, ec="magenta", lw=1))
             ax.add_patch(Rectangle((first.x0, first.y0), first.side, first.side, fill=False, ec="cyan", lw=1, ls="--"))
             ax.add_patch(Rectangle((box.x0, box.y0), box.side, box.side, fill=False, ec="cyan", lw=1.8))
             path = "wide" if info["geo_wide"] else "model"
             ax.set_title(f"{label}: {path} path, zoom {size / box.side:.1f}", fontsize=7)
             ax.set_axis_off()
-    fig.suptitle("geometry step, synthetic images: true disc (green), detector (yellow), "
+    fig.suptitle("geometry step, synthetic images: true disc (green), detector (yellow), rim (magenta), "
                  "detector's crop (dashed), segmented crop (cyan)", fontsize=8)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)

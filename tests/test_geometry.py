@@ -9,7 +9,8 @@ import torch
 
 from grata.adapters import build_adapter
 from grata.config import DataConfig
-from grata.geometry import Box, GeometryStep, build_geometry, crop, estimate_disc, geometry_reference, paste
+from grata.geometry import (Box, GeometryStep, build_geometry, crop, disc_centre, estimate_disc, geometry_reference,
+                            paste, rim_centre)
 from grata.synthetic import STYLES, SyntheticDomain, render, _generator
 from grata.widefield import widen
 
@@ -319,3 +320,36 @@ def test_a_visible_aperture_or_a_high_contrast_lets_the_detector_set_the_scale()
     assert step.plan(image[None], _scale_blind_model)[2]["geo_wide"] == 1
     assert step.plan(framed[None], _scale_blind_model)[2]["geo_wide"] == 0
     assert GeometryStep(REF).plan(framed[None], _scale_blind_model)[2]["geo_wide"] == 1  # a clear blob suffices
+
+
+def _disc_with_cup(cy: float, cx: float, radius: float, seed: int = 0) -> torch.Tensor:
+    """`_disc_image` plus a bright cup of half the disc's radius, off the disc's centre by a third of
+    its radius (as in real discs: the pale cup shows mostly in green, the rim in red)."""
+    image, _ = _disc_image(cy, cx, radius, seed=seed)
+    yy, xx = torch.meshgrid((torch.arange(S) + 0.5) / S, (torch.arange(S) + 0.5) / S, indexing="ij")
+    d = torch.sqrt((yy - cy) ** 2 + (xx - cx - radius / 3) ** 2) / (radius / 2)
+    cup = torch.sigmoid((1 - d) * 12) * torch.tensor([0.05, 0.35, 0.25]).view(3, 1, 1)
+    return (image + cup * (image.amax(0) > 0)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("radius", [0.06, 0.09, 0.13])
+@pytest.mark.parametrize("where", [(0.5, 0.5), (0.3, 0.62), (0.66, 0.35)])
+def test_the_rim_finds_the_discs_centre_and_radius_from_a_start_off_centre(radius, where):
+    """A start 0.42 radii off the disc (where the blob detector's pull toward the brighter cup leaves
+    real starts): the rim's circle comes back to the disc's own centre, and measures its radius
+    better than the detector."""
+    image = _disc_with_cup(*where, radius)
+    est = estimate_disc(image, REF)
+    start = (where[0] + 0.3 * radius, where[1] - 0.3 * radius)
+    cy, cx, r = rim_centre(image, est, start)
+    assert math.hypot(cy - where[0], cx - where[1]) < 0.12 * radius
+    assert abs(r / radius - 1) < min(0.1, abs(est.radius / radius - 1))
+    # the wider-field crop is centred there
+    box = GeometryStep(REF, centre="rim", min_contrast=0.0).plan(image[None], _scale_blind_model)[0]
+    assert math.hypot((box.y0 + box.side / 2) / S - where[0], (box.x0 + box.side / 2) / S - where[1]) < 0.25 * radius
+
+
+def test_without_a_disc_the_rim_keeps_the_start():
+    flat = torch.full((3, S, S), 0.4)
+    est = estimate_disc(flat, REF)
+    assert rim_centre(flat, est, (0.3, 0.6)) == (0.3, 0.6, est.radius)
