@@ -2,12 +2,14 @@
 
     python -m bench.geometry_variants --checkpoint PATH [--scales 1 0.6 0.4] [--every 2]
         [--variants '{"disc": {"centre": "disc"}, "rim": {}, "rim_r0": {"refine": 0}}'] [--name NAME]
+    python -m bench.geometry_variants --checkpoint checkpoints/source_synthetic_clean_resnet18_128.pt --synthetic 64
 
 Per field scale and real target (every `every`-th image, online, the paper's protocol otherwise):
 the source model without the step (`none`) and with the step under each named GeometryStep option
 set, with the model passes the placement took beyond the step's own (`geo_extra_passes`: a probe
 the step reuses as its first pass is not counted) and the share of images on the wider-field
-path. Labels score the predictions only. Writes bench/results/<name>.json (per image too).
+path. --synthetic N: the synthetic `wide_field` style instead (N test images, every one), with the
+synthetic demo's source model as --checkpoint. Labels score the predictions only. Writes bench/results/<name>.json (per image too).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--variants", default='{"disc": {"centre": "disc"}, "rim": {}, "rim_r0": {"refine": 0}}',
                         help="name -> GeometryStep options (JSON); `none` (no step) is always run at scale 1")
+    parser.add_argument("--synthetic", type=int, default=0, help="wide_field images instead of the real targets")
     parser.add_argument("--root", default="../shared/data/fundus")
     parser.add_argument("--name", default="geometry_variants")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -46,16 +49,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(1)
     model, meta = load_checkpoint(args.checkpoint)
-    source = DataConfig(kind="fundus", root=args.root, size=256, source="RIM_ONE_r2")
+    if args.synthetic:  # the synthetic demo's model and style; its own source geometry
+        sidecar = Path(args.checkpoint).with_suffix(".json")
+        size = json.loads(sidecar.read_text())["data"]["size"] if sidecar.is_file() else 128
+        source = DataConfig(kind="synthetic", source="clean", targets=["wide_field"], size=size,
+                            synthetic_train=80, synthetic_test=args.synthetic, target_split="test")
+        conditions, args.every = [(1.0, source, "test")], 1
+    else:
+        source = DataConfig(kind="fundus", root=args.root, size=256, source="RIM_ONE_r2", targets=args.targets,
+                            target_split="all")
+        conditions = [(s, DataConfig(**{**vars(source), "field_scale": s}), "all") for s in args.scales]
     ref = _reference(Path(args.checkpoint), meta, lambda: load_split(source, "train", None), args.out)
     variants = {name: opts for name, opts in json.loads(args.variants).items()}
     rows, per_image = [], []
-    for scale in args.scales:
-        data = DataConfig(kind="fundus", root=args.root, size=256, source="RIM_ONE_r2", targets=args.targets,
-                          target_split="all", field_scale=scale)
+    for scale, data, split in conditions:
         runs = ({"none": None} if scale == 1 else {}) | variants
-        for target in args.targets:
-            ds = open_domain(data, target, "all")
+        for target in data.targets:
+            ds = open_domain(data, target, split)
             for name, opts in runs.items():
                 adapter = build_adapter("source", model, geometry="off" if opts is None else "auto",
                                         geometry_reference=ref)

@@ -133,7 +133,7 @@ class DiscEstimate:
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of [N, 1, H, W], replicate padding."""
     radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
@@ -283,29 +283,32 @@ def rim_centre(image: torch.Tensor, est: DiscEstimate, start: tuple[float, float
     green; the vessels barely do). A circle of radius r centred at c scores the median, over
     `angles` points of its circumference, of the brightness gradient pointing into the circle:
     the median ignores the vessels and the gaps that cut a rim. Circles are tried at `radii` times the
-    detector's radius, centred within `reach` radii of `start` (`disc_centre`'s estimate) on a grid of
-    a 10th of the radius, then around the best on a grid of a 30th (and its radius +-5 %), at the
+    detector's radius, centred on a square grid of a 10th of the radius reaching `reach` radii each
+    way from `start` (`disc_centre`'s estimate), then around the best on a grid of a 30th (and its
+    radius +-5 %), at the
     frame's own resolution (about 7 ms at 256 px); the best circle wins. Red (green: worse than
     `disc_centre`), the median (the mean locks onto the field's edges) and the coarse-to-fine search
     were chosen on the source's own widened training images (RIM_ONE_r2, field scales 0.6 and 0.4:
     median offset from the mask's centre 0.20-0.22 -> 0.09 disc radii, share of images over 0.3
-    radii 0.25-0.27 -> 0.13-0.14; docs/geometry.md). Returns `start` when the detector found no disc."""
+    radii 0.25-0.27 -> 0.13-0.14; docs/geometry.md). Returns `start` (and the detector's radius) when
+    the detector found no disc or no circle is brighter inside than out."""
     if image.ndim == 4:
         image = image[0]
     s = image.shape[-1]
     r0 = est.radius * s
     if not est.found or r0 < 2:
         return start[0], start[1], est.radius
+    dev = image.device
     red = _blur(image[0][None, None].float(), max(0.5, s / 256))
     gy = F.pad((red[..., 2:, 1:-1] - red[..., :-2, 1:-1]) / 2, (1, 1, 1, 1))
     gx = F.pad((red[..., 1:-1, 2:] - red[..., 1:-1, :-2]) / 2, (1, 1, 1, 1))
     grad = torch.cat([gy, gx], 1)  # [1, 2, S, S]
-    theta = torch.arange(angles, dtype=torch.float32) * (2 * math.pi / angles)
+    theta = torch.arange(angles, dtype=torch.float32, device=dev) * (2 * math.pi / angles)
     unit = torch.stack([torch.sin(theta), torch.cos(theta)])  # [2, A]
 
     def search(cy: float, cx: float, half: float, step: float, factors) -> tuple[float, float, float, float]:
         """The best circle centred on a grid of `step` px within `half` px of (cy, cx), radius f x r0."""
-        offsets = torch.arange(-math.ceil(half / step), math.ceil(half / step) + 1, dtype=torch.float32) * step
+        offsets = torch.arange(-math.ceil(half / step), math.ceil(half / step) + 1, dtype=torch.float32, device=dev) * step
         centres = torch.stack(torch.meshgrid(cy + offsets, cx + offsets, indexing="ij"), -1).view(-1, 2, 1)
         best = (-math.inf, cy, cx, r0)
         for f in factors:
@@ -319,7 +322,9 @@ def rim_centre(image: torch.Tensor, est: DiscEstimate, start: tuple[float, float
         return best
 
     # coarse to fine: a tenth of the radius over the reach and every radius, then a 30th around the best
-    _, cy, cx, r = search(start[0] * s, start[1] * s, reach * r0, max(0.5, r0 / 10), radii)
+    score, cy, cx, r = search(start[0] * s, start[1] * s, reach * r0, max(0.5, r0 / 10), radii)
+    if score <= 0:  # no circle is brighter inside than out: no rim to go by
+        return start[0], start[1], est.radius
     f = r / r0
     _, cy, cx, r = search(cy, cx, r0 / 10, max(0.5, r0 / 30), (f - 0.05, f, f + 0.05))
     return cy / s, cx / s, r / s

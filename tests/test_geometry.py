@@ -344,12 +344,40 @@ def test_the_rim_finds_the_discs_centre_and_radius_from_a_start_off_centre(radiu
     cy, cx, r = rim_centre(image, est, start)
     assert math.hypot(cy - where[0], cx - where[1]) < 0.12 * radius
     assert abs(r / radius - 1) < min(0.1, abs(est.radius / radius - 1))
-    # the wider-field crop is centred there
-    box = GeometryStep(REF, centre="rim", min_contrast=0.0).plan(image[None], _scale_blind_model)[0]
-    assert math.hypot((box.y0 + box.side / 2) / S - where[0], (box.x0 + box.side / 2) / S - where[1]) < 0.25 * radius
 
 
-def test_without_a_disc_the_rim_keeps_the_start():
+def test_the_wider_field_crop_starts_where_the_rim_is_by_default(monkeypatch):
+    """The default centre is the rim's: the plan's wider-field crop is centred on what rim_centre
+    returns (here a stand-in), and on disc_centre's estimate with centre="disc"."""
+    import grata.geometry as geometry
+
+    image = _disc_with_cup(0.45, 0.55, 0.08)
+    calls = []
+
+    def fake_rim(img, est, start):
+        calls.append(start)
+        return start[0] + 0.05, start[1] - 0.05, est.radius
+
+    monkeypatch.setattr(geometry, "rim_centre", fake_rim)
+    step = GeometryStep(REF, min_contrast=0.0, refine=0)
+    assert step.centre == "rim"
+    box = step.plan(image[None], _scale_blind_model)[0]
+    start = calls[-1]
+    assert start == disc_centre(image, estimate_disc(image, REF))  # searched around disc_centre's estimate
+    centre = ((box.y0 + box.side / 2) / S, (box.x0 + box.side / 2) / S)
+    assert math.hypot(centre[0] - start[0] - 0.05, centre[1] - start[1] + 0.05) < 1.5 / S
+    box = GeometryStep(REF, centre="disc", min_contrast=0.0, refine=0).plan(image[None], _scale_blind_model)[0]
+    assert math.hypot((box.y0 + box.side / 2) / S - start[0], (box.x0 + box.side / 2) / S - start[1]) < 1.5 / S
+    assert len(calls) == 1
+
+
+def test_without_a_disc_or_a_rim_the_rim_keeps_the_start():
     flat = torch.full((3, S, S), 0.4)
     est = estimate_disc(flat, REF)
     assert rim_centre(flat, est, (0.3, 0.6)) == (0.3, 0.6, est.radius)
+    # a disc the detector finds (bright in green) with no edge in red: nothing to go by, the start stays
+    image = _disc_with_cup(0.5, 0.5, 0.1)
+    image[0] = 0.5
+    est = estimate_disc(image, REF)
+    assert est.found
+    assert rim_centre(image, est, (0.5, 0.5)) == (0.5, 0.5, est.radius)

@@ -65,6 +65,7 @@ def test_an_unclaimed_probe_leaves_no_statistics_and_no_graph(tiny_model):
     assert probed._primed is not None and probed._primed[2].requires_grad
     out = probed.adapt_and_predict(IMAGES[2])
     assert probed._primed is None and probed.primed_used == 0
+    assert all(layer.pending is None for layer in probed.norms)  # its held-back BN inputs are not kept either
     assert torch.equal(out, fresh.adapt_and_predict(IMAGES[2]))
     for key, value in fresh.state_dict()["model"].items():
         assert torch.equal(probed.state_dict()["model"][key], value), key

@@ -292,7 +292,8 @@ class Adapter:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         self.last_teacher = None
-        self._primed, self.primed_used = None, 0
+        self._drop_primed()
+        self.primed_used = 0
         images = images.to(self.plan.device)
         self._verdicts: list[tuple[dict, dict, torch.Tensor, torch.Tensor]] = []
         if self.geometry is None:
@@ -301,7 +302,7 @@ class Adapter:
             logits = self.geometry.apply(self._judged_step, images, self.state_dict, self._restore_retry,
                                          probe=self._probe, reused=lambda: self.primed_used,
                                          first_pass=self._first_pass)
-            self._primed = None  # an unclaimed probe's graph is not kept
+            self._drop_primed()  # an unclaimed probe's graph is not kept, nor its held-back BN inputs
             self.last_teacher = self.geometry.to_frame(self.last_teacher)
             self.last_step.update(self.geometry.last)
         self.last_step.update(self._update_auto())
@@ -313,6 +314,12 @@ class Adapter:
                 self.last_step["guard_reset"] = float(self._check_drift(signal))
         self.images_seen += images.shape[0]
         return logits.detach().cpu()
+
+    def _drop_primed(self) -> None:
+        """Forget a first pass no step claimed: its graph and the BN inputs it held back."""
+        self._primed = None
+        for layer in self.norms:
+            layer.pending = None
 
     @torch.no_grad()
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
