@@ -74,6 +74,22 @@ def _cell(value: Any, fmt: str) -> str:
     return format(value, fmt) if fmt else str(value)
 
 
+def source_geometry(checkpoint: Path, meta: dict, load_train: Callable[[], Any], out: Path = RESULTS) -> dict:
+    """The checkpoint's source geometry (metadata "geometry"); for a checkpoint without it, the copy kept
+    as <out>/geometry_reference_<checkpoint>.json, else computed once from the source's training split
+    (`load_train()` -> images, masks) and kept there for the next run. It depends on the source's data,
+    not the weights."""
+    from grata.geometry import ensure_reference
+
+    cache = out / f"geometry_reference_{Path(checkpoint).stem}.json"
+    if not meta.get("geometry") and cache.is_file():
+        meta["geometry"] = json.loads(cache.read_text())
+    geo = ensure_reference(meta, load_train)
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(geo, indent=1))
+    return geo
+
+
 def write(name: str, payload: dict[str, Any], out: Path = RESULTS) -> Path:
     """bench/results/<name>.json with the machine record beside the numbers."""
     out.mkdir(parents=True, exist_ok=True)

@@ -111,24 +111,25 @@ def _per_path(args, _synthetic_forward: float) -> list[dict]:
     pass is not counted twice."""
     import json
 
-    from omegaconf import OmegaConf
-
     from grata.adapters import build_adapter
     from grata.config import DataConfig, open_domain
     from grata.geometry import GeometryStep
     from grata.models import load_checkpoint
+    from grata.train_source import load_split
+
+    from bench.common import source_geometry
+    from bench.step import method_options
 
     model, meta = load_checkpoint(args.checkpoint)
-    cache = Path("bench/results") / f"geometry_reference_{Path(args.checkpoint).stem}.json"
-    ref = meta.get("geometry") or json.loads(cache.read_text())
-    method = OmegaConf.to_container(OmegaConf.load(Path("conf/method") / f"{args.method}.yaml"))
-    options = {**method.get("options", {}), "geometry": "off"}
-    common = dict(shift_reference=meta.get("shift_reference"), quality=meta.get("quality"), **options)
-    adapter = build_adapter(method["adapter"], model, **{**common, "geometry": "auto"}, geometry_reference=ref)
-    adapter.geometry = GeometryStep(ref, **json.loads(args.options))
-    plain = build_adapter(method["adapter"], model, **common)  # the same step without the geometry step
     base = DataConfig(kind="fundus", root=args.root, size=args.size, source="RIM_ONE_r2", targets=args.targets,
                       target_split="all")
+    ref = source_geometry(Path(args.checkpoint), meta, lambda: load_split(base, "train", None))
+    name, options = method_options(args.method)
+    common = dict(shift_reference=meta.get("shift_reference"), quality=meta.get("quality"),
+                  **{**options, "geometry": "off"})
+    adapter = build_adapter(name, model, **{**common, "geometry": "auto"}, geometry_reference=ref)
+    adapter.geometry = GeometryStep(ref, **json.loads(args.options))
+    plain = build_adapter(name, model, **common)  # the same step without the geometry step
     images = []
     for scale in args.scales:
         data = DataConfig(**{**vars(base), "field_scale": scale})

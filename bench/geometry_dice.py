@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import publish, table
+from bench.common import publish, source_geometry, table
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not Path(cfg.data.root).is_dir() or not checkpoint.is_file():
         raise SystemExit(f"needs the fundus data ({cfg.data.root}) and the source model ({checkpoint})")
     model, meta = load_checkpoint(checkpoint, expect=cfg.model)
-    geo = _reference(checkpoint, meta, lambda: load_split(cfg.data, "train", None), args.out)
+    geo = source_geometry(checkpoint, meta, lambda: load_split(cfg.data, "train", None), args.out)
     print("source geometry:", geo, flush=True)
     conditions = [(f"x{s:g}", DataConfig(**{**vars(cfg.data), "field_scale": s}), model, meta, geo) for s in args.scales]
     if args.synthetic:  # the synthetic demo's own source model and its own source geometry
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         size = json.loads(sidecar.read_text())["data"]["size"] if sidecar.is_file() else 128
         syn = DataConfig(kind="synthetic", source="clean", targets=["wide_field"], size=size,
                          synthetic_train=80, synthetic_test=args.synthetic, target_split="test")
-        syn_geo = _reference(Path(args.synthetic_checkpoint), syn_meta, lambda: load_split(syn, "train", None), args.out)
+        syn_geo = source_geometry(Path(args.synthetic_checkpoint), syn_meta, lambda: load_split(syn, "train", None), args.out)
         print("synthetic source geometry:", syn_geo, flush=True)
         conditions.append(("synthetic", syn, syn_model, syn_meta, syn_geo))
     rows, per_image = [], []
@@ -95,20 +95,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"rows": rows, "per_image": per_image, "geometry_reference": geo, "checkpoint": str(checkpoint)}
     publish(args.name, args, md, **result)
     return result
-
-
-def _reference(checkpoint: Path, meta: dict, load_train, out: Path) -> dict:
-    """The checkpoint's source geometry; for a checkpoint without it, computed once from the source's
-    training split and kept as bench/results/geometry_reference_<checkpoint>.json for the next run."""
-    from grata.geometry import ensure_reference
-
-    cache = out / f"geometry_reference_{checkpoint.stem}.json"
-    if not meta.get("geometry") and cache.is_file():
-        meta["geometry"] = json.loads(cache.read_text())
-    geo = ensure_reference(meta, load_train)
-    out.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(geo, indent=1))
-    return geo
 
 
 if __name__ == "__main__":

@@ -36,20 +36,20 @@ def main(argv: list[str] | None = None) -> Path:
 
     from grata.adapters import build_adapter
     from grata.config import DataConfig
-    from grata.geometry import GeometryStep, disc_centre, ensure_reference, rim_centre
+    from grata.geometry import GeometryStep, disc_centre, rim_centre
     from grata.metrics import boundary
     from grata.models import load_checkpoint
     from grata.synthetic import SyntheticDomain
     from grata.train_source import load_split
     from grata.widefield import widen
 
+    from bench.common import source_geometry
+
     model, meta = load_checkpoint(args.checkpoint)
     sidecar = Path(args.checkpoint).with_suffix(".json")
     size = json.loads(sidecar.read_text())["data"]["size"] if sidecar.is_file() else 128
-    cache = Path("bench/results") / f"geometry_reference_{Path(args.checkpoint).stem}.json"
-    if not meta.get("geometry") and cache.is_file():
-        meta["geometry"] = json.loads(cache.read_text())
-    ref = ensure_reference(meta, lambda: load_split(DataConfig(kind="synthetic", size=size, synthetic_train=80), "train", None))
+    ref = source_geometry(Path(args.checkpoint), meta,
+                          lambda: load_split(DataConfig(kind="synthetic", size=size, synthetic_train=80), "train", None))
     adapter = build_adapter("source", model)
     step = GeometryStep(ref)
     wide = SyntheticDomain("wide_field", n=args.n, size=size, split="figure")

@@ -35,20 +35,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from grata.adapters import build_adapter
     from grata.config import DataConfig, open_domain
-    from grata.geometry import Box, crop, estimate_disc, geometry_reference, paste, _minmax
+    from grata.geometry import Box, crop, estimate_disc, paste, _minmax
     from grata.metrics import score
     from grata.models import load_checkpoint
     from grata.train_source import load_split
 
+    from bench.common import source_geometry
+
     model, meta = load_checkpoint(args.checkpoint)
     base = DataConfig(kind="fundus", root=args.root, size=256, source="RIM_ONE_r2", targets=args.targets,
                       target_split="all")
-    ref_path = args.out.with_name(f"geometry_reference_{Path(args.checkpoint).stem}.json")
-    if ref_path.is_file():
-        ref = json.loads(ref_path.read_text())
-    else:
-        ref = geometry_reference(*load_split(base, "train", None))
-        ref_path.write_text(json.dumps(ref))
+    ref = source_geometry(Path(args.checkpoint), meta, lambda: load_split(base, "train", None), args.out.parent)
     share_ref = ref["disc_share"]
     adapter = build_adapter("source", model)
     S = 256

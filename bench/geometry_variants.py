@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import publish, table
+from bench.common import publish, source_geometry, table
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,8 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
     from grata.models import load_checkpoint
     from grata.train_source import load_split
 
-    from bench.geometry_dice import _reference
-
     torch.set_num_threads(1)
     model, meta = load_checkpoint(args.checkpoint)
     if args.synthetic:  # the synthetic demo's model and style; its own source geometry
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         source = DataConfig(kind="fundus", root=args.root, size=256, source="RIM_ONE_r2", targets=args.targets,
                             target_split="all")
         conditions = [(s, DataConfig(**{**vars(source), "field_scale": s}), "all") for s in args.scales]
-    ref = _reference(Path(args.checkpoint), meta, lambda: load_split(source, "train", None), args.out)
+    ref = source_geometry(Path(args.checkpoint), meta, lambda: load_split(source, "train", None), args.out)
     variants = {name: opts for name, opts in json.loads(args.variants).items()}
     rows, per_image = [], []
     for scale, data, split in conditions:
