@@ -465,6 +465,14 @@ class GeometryStep:
     takes the wider-field path without the whole-image probe (0: always probe). probe_size: the
     refinement probes' resolution (0: the frame's; below it, a probe re-centres only and keeps the
     crop's side, because the model's disc size is not reliable off its training resolution).
+    site_vote: a site's crop protocol is the site's, not one image's: the near-scale path crops an
+    image only when more than this share of the site's images so far (this one included) were seen
+    at another scale than the source's (the wider-field path, or a whole-image model disc below
+    keep_whole). One shifted-style image can make the model draw its disc small (RIM_ONE_r3 at the
+    source's own scale: 5 of 137 images cropped, every one lost), where a site with another crop
+    protocol shows it on nearly every image (Drishti_GS: 98 of 101); none of the source's own held-out
+    images shows it (docs/geometry.md, "The site's vote"). 0: each image alone. The wider-field path
+    (the detector's strong evidence) never waits for the vote. `reset` forgets the site's images.
     reuse_settled: when refinement settles, segment the crop the last probe looked at (that probe is
     then the step's own first pass: one forward less per cropped image) instead of the settled re-centred
     crop; off because it cost 0.7 Dice on the x0.6 wider fields (docs/geometry.md, "Cost").
@@ -486,6 +494,7 @@ class GeometryStep:
     settle: float = 0.04
     sure_wide: float = 0.5
     reuse_settled: bool = False
+    site_vote: float = 0.5
 
     def __post_init__(self) -> None:
         missing = {"disc_share", "detector_gain"} - set(self.reference)
@@ -500,8 +509,8 @@ class GeometryStep:
         if self.centre not in ("rim", "disc", "detector") or not (self.probe_size == 0 or 32 <= self.probe_size <= 1024):
             raise ValueError(f"geometry centre={self.centre!r} (rim | disc | detector), probe_size={self.probe_size} "
                              "(0: the frame's size, else 32-1024 px)")
-        if not 0 <= self.settle < 0.5:
-            raise ValueError(f"geometry settle={self.settle} must lie in [0, 0.5)")
+        if not 0 <= self.settle < 0.5 or not 0 <= self.site_vote < 1:
+            raise ValueError(f"geometry settle={self.settle} must lie in [0, 0.5), site_vote={self.site_vote} in [0, 1)")
         if (not 0 < self.route <= 1 or self.refine < 0 or not 1 <= self.gain <= 3 or self.min_contrast < 0
                 or not 0 < self.aperture <= 1):
             raise ValueError(f"geometry route={self.route} (0, 1], refine={self.refine} >= 0, gain={self.gain} "
@@ -509,6 +518,16 @@ class GeometryStep:
         self.last: dict[str, float] = {}
         self._probed: tuple[Box, torch.Tensor] | None = None  # the last full-size probe's (box, input)
         self.boxes: list[tuple[Box, int]] = []  # the last call's (box, frame side) per image
+        self.votes = (0, 0)  # the site's images so far: (seen at another scale than the source's, all)
+
+    def reset(self) -> None:
+        """A new site (or the same site from scratch): its crop protocol is not known yet."""
+        self.votes = (0, 0)
+
+    def _vote(self, other: bool) -> float:
+        """Count one image of the site; the share of its images so far seen at another scale."""
+        self.votes = (self.votes[0] + int(other), self.votes[1] + 1)
+        return self.votes[0] / self.votes[1]
 
     def _box_at(self, cy: float, cx: float, share: float, size: int) -> Box:
         """A square centred at (cy, cx) (fractions) in which a disc of `share` (of the frame) covers the
@@ -611,6 +630,9 @@ class GeometryStep:
             box = self._box_at(seen.cy, seen.cx, seen.share, h)
         else:
             box = whole
+        site_share = self._vote(wide or not box.is_whole(h, w))
+        if not wide and site_share <= self.site_vote:  # weak evidence the site does not share: as it is
+            box = whole
         refined = 0
         while refined < self.refine and not box.is_whole(h, w):
             disc = self._look(probe, images, box, h, first_pass=first_pass if self.reuse_settled else None)
@@ -627,6 +649,7 @@ class GeometryStep:
             if settled or box.is_whole(h, w):
                 break
         return box, est, {"geo_wide": float(wide), "geo_model_side": model_side, "geo_refined": float(refined),
+                          "geo_site_share": site_share,
                           "geo_field": est.field, "geo_probes": float(probes)}
 
     def apply(self, step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,

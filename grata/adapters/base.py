@@ -213,6 +213,8 @@ class Adapter:
         self.last_step, self.images_seen, self.pooled_weight = {}, 0, 0.0
         self._reset_auto()
         self._reset_guard()
+        if self.geometry is not None:
+            self.geometry.reset()
 
     def _norm_state(self) -> dict[str, torch.Tensor]:
         """The BN layers' entries of the model's state_dict, same keys, read from those layers alone (the
@@ -235,6 +237,7 @@ class Adapter:
             "images_seen": self.images_seen,
             "auto": (self.shift_sum, self.shift_count, self.auto_switched),
             "guard": (self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets),
+            "geometry_votes": self.geometry.votes if self.geometry is not None else (0, 0),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,6 +251,11 @@ class Adapter:
         self.images_seen = state["images_seen"]
         self.shift_sum, self.shift_count, self.auto_switched = state["auto"]
         self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets = state.get("guard", (None, None, 0, 0))
+        if self.geometry is not None:  # the site's crop protocol so far (grata/geometry.py, site_vote)
+            other, seen = (int(v) for v in state.get("geometry_votes", (0, 0)))
+            if not 0 <= other <= seen:
+                raise ValueError(f"adapter state geometry_votes={other, seen}: needs 0 <= other <= seen")
+            self.geometry.votes = (other, seen)
         self.use_policy(StatsPolicy.named("image" if self.auto_switched else "source") if self.auto else self.policy)
 
     # --- the loop --------------------------------------------------------------------------------
