@@ -21,7 +21,8 @@ On a wider field the crop starts at `rim_centre` (the circle of the disc's rim i
 searched around `disc_centre`, the whole bright disc's centre at the detector's scale; the
 detector's blob is the brighter cup) and is refined on the model's own disc in the crop
 (`GeometryStep.plan`). Near the source's scale the crop is placed on the model's own disc, and
-only when most of the site's images so far show another scale (`site_vote`). `crop_summary` turns a round's per-image outcome into the site's crop protocol.
+only when most of the site's images so far show another scale (`site_vote`). `crop_summary` turns
+a round's per-image outcome into the site's crop protocol.
 
 Predictions always come back in the original image's frame. `estimate_disc` is the per-image
 estimate (centre, radius, share relative to the source's) as a plain function for quality

@@ -26,7 +26,7 @@ def _model_drawing(side: float):
 
 
 def _cropped(step: GeometryStep, side: float) -> bool:
-    box, _, info = step.plan(FLAT, _model_drawing(side))
+    box, _, _ = step.plan(FLAT, _model_drawing(side))
     return not box.is_whole(S, S)
 
 
@@ -57,5 +57,8 @@ def test_the_votes_travel_with_the_adapters_state(tiny_model):
     assert adapter.geometry.votes == (0, 0)
     adapter.load_state_dict(state)
     assert adapter.geometry.votes == (3, 5)
+    adapter.reset()
+    adapter.images_seen = 7  # the state holds 0: a partial load would show
     with pytest.raises(ValueError, match="geometry_votes"):
         adapter.load_state_dict({**state, "geometry_votes": (6, 5)})
+    assert adapter.images_seen == 7 and adapter.geometry.votes == (0, 0)  # refused before anything was loaded

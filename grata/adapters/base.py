@@ -243,6 +243,9 @@ class Adapter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["model"]) != self._norm_keys():
             raise ValueError("adapter state does not match this model's BN layers (another architecture?)")
+        other, seen = (int(v) for v in state.get("geometry_votes", (0, 0)))  # checked before anything is loaded
+        if not 0 <= other <= seen:
+            raise ValueError(f"adapter state geometry_votes={other, seen}: needs 0 <= other <= seen")
         self.model.load_state_dict(state["model"], strict=False)
         self.pooled_weight = state.get("pooled_weight", 0.0)
         if self.optimizer is not None and state["optimizer"] is not None:
@@ -252,9 +255,6 @@ class Adapter:
         self.shift_sum, self.shift_count, self.auto_switched = state["auto"]
         self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets = state.get("guard", (None, None, 0, 0))
         if self.geometry is not None:  # the site's crop protocol so far (grata/geometry.py, site_vote)
-            other, seen = (int(v) for v in state.get("geometry_votes", (0, 0)))
-            if not 0 <= other <= seen:
-                raise ValueError(f"adapter state geometry_votes={other, seen}: needs 0 <= other <= seen")
             self.geometry.votes = (other, seen)
         self.use_policy(StatsPolicy.named("image" if self.auto_switched else "source") if self.auto else self.policy)
 
