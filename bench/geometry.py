@@ -1,7 +1,7 @@
 """What the geometry step costs per image, against one forward pass of the model at 256 px.
 
     python -m bench.geometry [--size 256] [--encoder resnet34] [--repeats 30] [--threads 1]
-                             [--checkpoint PATH --root DIR --scales 1 0.6 0.4 --per-target 12]
+                             [--checkpoint PATH --root DIR --scales 1 0.6 0.4 --per-target 16]
 
 Times, on synthetic wide_field images (the step's work does not depend on the data): the disc
 estimate (the classical detector), crop + min-max + map back of the logits, their sum, and one
@@ -15,7 +15,9 @@ image, timed per image on `per-target` images of each real target at each field 
 adapter's adapt-and-predict (source: one forward; fedgrata: about 14 forwards plus the quality estimate) with geometry=auto (detector, disc centre, every probe pass, the step's
 own pass, a retry if any, map back) less the same adapter's adapt-and-predict without it (median over
 a sample of the images), in units of one fast forward at `size` px; grouped by the path the image
-took (kept whole / near-scale crop / wider field), by target and scale, and over all images. The
+took (kept whole / near-scale crop / wider field, and whether the site's known protocol placed it
+without the whole-image probe), by target and scale (each a site: reset before its first image), and
+over all images. The
 probe passes the step did not reuse are counted too (`geo_extra_passes`: a probe whose input the
 step segments is the step's own first pass).
 """
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", default="../shared/data/fundus")
     parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.6, 0.4])
     parser.add_argument("--targets", nargs="+", default=["RIM_ONE_r1", "RIM_ONE_r3", "Drishti_GS"])
-    parser.add_argument("--per-target", type=int, default=12)
+    parser.add_argument("--per-target", type=int, default=16)
     parser.add_argument("--method", default="source", help="conf/method preset timed per path (its geometry on and off)")
     parser.add_argument("--options", default="{}", help="GeometryStep options as JSON, e.g. '{\"refine\": 1}'")
     parser.add_argument("--name", default="geometry", help="bench/results/<name>.json")
@@ -146,10 +148,16 @@ def _per_path(args, _synthetic_forward: float) -> list[dict]:
         fwd = spread([timed(lambda x=x: plain.forward(x)) for _, x in sample])["median"]
     base_step = spread([timed(lambda x=x: plain.adapt_and_predict(x)) for _, x in sample])["median"]
     groups: dict[str, list[tuple[float, float]]] = {}
+    site = None
     for cell, x in images:
+        if cell != site:  # each target at each scale is a site of its own: its votes start afresh
+            adapter.reset()
+            site = cell
         t = timed(lambda x=x: adapter.adapt_and_predict(x)) - base_step + fwd
         last = adapter.last_step
         path = "wider field" if last["geo_wide"] else ("near-scale crop" if last["geo_cropped"] else "kept whole")
+        if last.get("geo_site_known"):
+            path += ", from the site's protocol"
         for key in (path, cell, "all images"):
             groups.setdefault(key, []).append((t - fwd, last["geo_extra_passes"]))
     return [{"path": p, "images": len(v), "probes": sum(n for _, n in v) / len(v),

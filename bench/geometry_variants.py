@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
                     wide.append(float(adapter.last_step.get("geo_wide", 0.0)))
                     per_image.append({"field": f"x{scale:g}", "target": target, "variant": name,
                                       "image": sample.name, "dice_mean": dice[-1], "extra_passes": extra[-1],
-                                      "cropped": float(adapter.last_step.get("geo_cropped", 0.0))})
+                                      "cropped": float(adapter.last_step.get("geo_cropped", 0.0)),
+                                      "site_known": float(adapter.last_step.get("geo_site_known", 0.0))})
                 row = {"field": f"x{scale:g}", "target": target, "variant": name, "images": len(dice),
                        "dice_mean": float(np.mean(dice)), "extra_passes": float(np.mean(extra)),
                        "wide_share": float(np.mean(wide))}

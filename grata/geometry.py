@@ -31,6 +31,7 @@ features and a site's crop-protocol summary.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ from scipy import ndimage
 WORK = 96  # working resolution of the classical detector (px); a disc of 3 % of the frame is ~3 px radius
 BACKGROUND_QUANTILE = 0.3  # the field brightness taken for background (the disc may cover half a tight crop)
 OUTSIDE_LOGIT = -20.0  # logits pasted outside the crop: certain background
+SITE_SHARES = 16  # the model's whole-image discs a site keeps to size a near-scale crop without a probe
 
 
 # --- crop and map back ------------------------------------------------------------------------------
@@ -475,9 +477,26 @@ class GeometryStep:
     protocol shows it on nearly every image (Drishti_GS: 98 of 101); none of the source's own held-out
     images shows it (docs/geometry.md, "The site's vote"). 0: each image alone. The wider-field path
     (the detector's strong evidence) never waits for the vote. `reset` forgets the site's images.
+    site_min: a site whose crop protocol is known skips the whole-image probe. The probe routes an
+    image and, near the source's scale, sizes its crop; once the site has shown at least this many
+    images, its vote says the first and its earlier images the second, and a cropped image cannot
+    reuse the probe as its first pass. Two cases, each for an image whose detector disc is
+    plausible and below `route` of the source's linear size:
+    - more than `site_vote` of the site's images took the wider-field path, and this image's disc is
+      small in its field: it takes that path without the probe;
+    - more than `site_vote` of them were seen at another scale, few on the wider-field path (a
+      near-scale site, Drishti_GS-like): the crop is centred where the rim is (as on the wider-field
+      path) and sized by the median of the model's whole-image discs on the site's earlier images
+      (`shares`, the last SITE_SHARES probed), not by the detector, which sizes a near-scale disc
+      worse than the model (starting there cost Drishti_GS 1.8 Dice).
+    Either way the model's disc in the crop then refines it, and the image votes by its final crop
+    (refined back to the whole image, it votes "the source's scale", so a site wrongly taken for
+    another scale corrects itself). 0: every image is routed on its own probe.
     reuse_settled: when refinement settles, segment the crop the last probe looked at (that probe is
     then the step's own first pass: one forward less per cropped image) instead of the settled re-centred
-    crop; off because it cost 0.7 Dice on the x0.6 wider fields (docs/geometry.md, "Cost").
+    crop. On by default with one refinement: with `site_min` they take the placement from 1.23-2.26
+    model passes per image on every cropped cell of issue 13's table to 0.20-0.91, for Dice within
+    -0.89 to +0.53 of two refinements without reuse per cell, -0.06 on average (docs/geometry.md).
     The step's input is the whole-image probe's very tensor when the image is kept whole (and a settled
     refinement's with reuse_settled), so an adapter reuses that pass (`apply(..., first_pass=)`).
     """
@@ -487,7 +506,7 @@ class GeometryStep:
     route: float = 0.8
     min_contrast: float = 5.0
     aperture: float = 0.9
-    refine: int = 2
+    refine: int = 1
     gain: float = 1.5
     retry: bool = True
     use_model: bool = True
@@ -495,8 +514,9 @@ class GeometryStep:
     centre: str = "rim"
     settle: float = 0.04
     sure_wide: float = 0.5
-    reuse_settled: bool = False
+    reuse_settled: bool = True
     site_vote: float = 0.5
+    site_min: int = 4
 
     def __post_init__(self) -> None:
         missing = {"disc_share", "detector_gain"} - set(self.reference)
@@ -511,8 +531,9 @@ class GeometryStep:
         if self.centre not in ("rim", "disc", "detector") or not (self.probe_size == 0 or 32 <= self.probe_size <= 1024):
             raise ValueError(f"geometry centre={self.centre!r} (rim | disc | detector), probe_size={self.probe_size} "
                              "(0: the frame's size, else 32-1024 px)")
-        if not 0 <= self.settle < 0.5 or not 0 <= self.site_vote < 1:
-            raise ValueError(f"geometry settle={self.settle} must lie in [0, 0.5), site_vote={self.site_vote} in [0, 1)")
+        if not 0 <= self.settle < 0.5 or not 0 <= self.site_vote < 1 or self.site_min < 0:
+            raise ValueError(f"geometry settle={self.settle} must lie in [0, 0.5), site_vote={self.site_vote} in [0, 1), "
+                             f"site_min={self.site_min} >= 0")
         if (not 0 < self.route <= 1 or self.refine < 0 or not 1 <= self.gain <= 3 or self.min_contrast < 0
                 or not 0 < self.aperture <= 1):
             raise ValueError(f"geometry route={self.route} (0, 1], refine={self.refine} >= 0, gain={self.gain} "
@@ -520,15 +541,28 @@ class GeometryStep:
         self.last: dict[str, float] = {}
         self._probed: tuple[Box, torch.Tensor] | None = None  # the last full-size probe's (box, input)
         self.boxes: list[tuple[Box, int]] = []  # the last call's (box, frame side) per image
-        self.votes = (0, 0)  # the site's images so far: (seen at another scale than the source's, all)
+        self.votes = (0, 0, 0)  # the site's images so far: (seen at another scale than the source's, all, wider field)
+        self.shares: list[float] = []  # the model's whole-image disc (share of the frame) on its last probed images
 
     def reset(self) -> None:
         """A new site (or the same site from scratch): its crop protocol is not known yet."""
-        self.votes = (0, 0)
+        self.votes, self.shares = (0, 0, 0), []
 
-    def _vote(self, other: bool) -> float:
+    def _site_protocol(self) -> str:
+        """What the site's images so far say: "wide" (most took the wider-field path), "near" (most
+        were seen at another scale, not on that path, and the model's disc is known), or "" (not known:
+        fewer than `site_min` images, or the site images at the source's scale)."""
+        other, seen, wide = self.votes
+        if not 0 < self.site_min <= seen:
+            return ""
+        if wide / seen > self.site_vote:
+            return "wide"
+        return "near" if other / seen > self.site_vote and len(self.shares) >= self.site_min else ""
+
+    def _vote(self, other: bool, wide: bool) -> float:
         """Count one image of the site; the share of its images so far seen at another scale."""
-        self.votes = (self.votes[0] + int(other), self.votes[1] + 1)
+        o, n, w = self.votes
+        self.votes = (o + int(other or wide), n + 1, w + int(wide))
         return self.votes[0] / self.votes[1]
 
     def _box_at(self, cy: float, cx: float, share: float, size: int) -> Box:
@@ -612,29 +646,38 @@ class GeometryStep:
         # the disc must be a small part of the field: it stands out by many robust spreads, or the camera's
         # circular aperture shows (a full field). A tight crop fills the frame and its disc stands out less.
         small_in_field = est.contrast >= self.min_contrast or est.field < self.aperture
-        if est.found and small_in_field and det_side < self.sure_wide:
-            # the detector alone is conclusive: a disc this small is below `route` of any disc the model draws
+        sure = est.found and small_in_field and det_side < self.sure_wide
+        protocol = self._site_protocol() if est.found and det_side < self.route and not sure else ""
+        known = protocol == "near" or (protocol == "wide" and small_in_field)
+        if sure or known:
+            # the detector alone is conclusive (a disc this small is below `route` of any disc the model
+            # draws), or the site's vote already says what the probe would
             seen, probes, model_side = None, 0, -1.0  # -1: not probed
-            wide = True
+            wide = sure or protocol == "wide"
         else:
             seen = self._look(probe, images, whole, h, full=True, first_pass=first_pass)
             probes = 1
             model_side = math.sqrt(seen.share / ref) if seen is not None else 0.0
             wide = est.found and small_in_field and det_side < self.route * model_side
-        if wide:
+        if seen is not None:
+            self.shares = (self.shares + [seen.share])[-SITE_SHARES:]
+        if wide or known:
             # the detector's blob is the disc's brightest part (near the cup); the model, trained on centred
             # discs, barely moves its disc off the crop's centre, so the crop must start centred on the disc
             cy, cx = disc_centre(images[0], est) if self.centre in ("disc", "rim") else (est.cy, est.cx)
             if self.centre == "rim":  # the rim's circle: about half disc_centre's offset (docs/geometry.md)
                 cy, cx, _ = rim_centre(images[0], est, (cy, cx))
-            box = self._box_at(cy, cx, est.share, h)
+            box = self._box_at(cy, cx, est.share if wide else statistics.median(self.shares), h)
         elif seen is not None:
             box = self._box_at(seen.cy, seen.cx, seen.share, h)
         else:
             box = whole
-        site_share = self._vote(wide or not box.is_whole(h, w))
-        if not wide and site_share <= self.site_vote:  # weak evidence the site does not share: as it is
-            box = whole
+        if known:  # counted by the final crop, below
+            site_share = -1.0
+        else:
+            site_share = self._vote(not box.is_whole(h, w), wide)
+            if not wide and site_share <= self.site_vote:  # weak evidence the site does not share: as it is
+                box = whole
         refined = 0
         while refined < self.refine and not box.is_whole(h, w):
             disc = self._look(probe, images, box, h, first_pass=first_pass if self.reuse_settled else None)
@@ -650,8 +693,10 @@ class GeometryStep:
             box = nxt
             if settled or box.is_whole(h, w):
                 break
+        if known:
+            site_share = self._vote(not box.is_whole(h, w), wide and not box.is_whole(h, w))
         return box, est, {"geo_wide": float(wide), "geo_model_side": model_side, "geo_refined": float(refined),
-                          "geo_site_share": site_share,
+                          "geo_site_share": site_share, "geo_site_known": float(known),
                           "geo_field": est.field, "geo_probes": float(probes)}
 
     def apply(self, step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from grata.augment import invert_views, weak_views
-from grata.geometry import build_geometry
+from grata.geometry import SITE_SHARES, build_geometry
 from grata.norm import AdaptiveNorm, StatsPolicy, convert_norms, gaussian_shift, norm_layers
 from grata.quality import QualityMonitor
 from grata.speed import Plan, Speed
@@ -237,15 +237,22 @@ class Adapter:
             "images_seen": self.images_seen,
             "auto": (self.shift_sum, self.shift_count, self.auto_switched),
             "guard": (self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets),
-            "geometry_votes": self.geometry.votes if self.geometry is not None else (0, 0),
+            "geometry_votes": self.geometry.votes if self.geometry is not None else (0, 0, 0),
+            "geometry_shares": list(self.geometry.shares) if self.geometry is not None else [],
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["model"]) != self._norm_keys():
             raise ValueError("adapter state does not match this model's BN layers (another architecture?)")
-        other, seen = (int(v) for v in state.get("geometry_votes", (0, 0)))  # checked before anything is loaded
-        if not 0 <= other <= seen:
-            raise ValueError(f"adapter state geometry_votes={other, seen}: needs 0 <= other <= seen")
+        votes = tuple(int(v) for v in state.get("geometry_votes", (0, 0, 0)))  # checked before anything is loaded
+        other, seen, wide = (*votes, 0)[:3] if len(votes) in (2, 3) else (0, 0, -1)  # 2 counts: before the wide count
+        if not 0 <= wide <= other <= seen:
+            raise ValueError(f"adapter state geometry_votes={votes}: needs (other, seen, wide) with "
+                             "0 <= wide <= other <= seen")
+        shares = [float(v) for v in state.get("geometry_shares", [])]
+        if len(shares) > SITE_SHARES or not all(0 < v <= 1 for v in shares):
+            raise ValueError(f"adapter state geometry_shares: needs at most {SITE_SHARES} disc shares in (0, 1], "
+                             f"got {len(shares)} ({shares[:4]}...)")
         self.model.load_state_dict(state["model"], strict=False)
         self.pooled_weight = state.get("pooled_weight", 0.0)
         if self.optimizer is not None and state["optimizer"] is not None:
@@ -255,7 +262,7 @@ class Adapter:
         self.shift_sum, self.shift_count, self.auto_switched = state["auto"]
         self.guard_ema, self.guard_best, self.guard_seen, self.guard_resets = state.get("guard", (None, None, 0, 0))
         if self.geometry is not None:  # the site's crop protocol so far (grata/geometry.py, site_vote)
-            self.geometry.votes = (other, seen)
+            self.geometry.votes, self.geometry.shares = (other, seen, wide), shares
         self.use_policy(StatsPolicy.named("image" if self.auto_switched else "source") if self.auto else self.policy)
 
     # --- the loop --------------------------------------------------------------------------------
