@@ -484,14 +484,16 @@ class GeometryStep:
     plausible and below `route` of the source's linear size:
     - more than `site_vote` of the site's images took the wider-field path, and this image's disc is
       small in its field: it takes that path without the probe;
-    - more than `site_vote` of them were seen at another scale, few on the wider-field path (a
-      near-scale site, Drishti_GS-like): the crop is centred where the rim is (as on the wider-field
-      path) and sized by the median of the model's whole-image discs on the site's earlier images
-      (`shares`, the last SITE_SHARES probed), not by the detector, which sizes a near-scale disc
-      worse than the model (starting there cost Drishti_GS 1.8 Dice).
-    Either way the model's disc in the crop then refines it, and the image votes by its final crop
-    (refined back to the whole image, it votes "the source's scale", so a site wrongly taken for
-    another scale corrects itself). 0: every image is routed on its own probe.
+    - more than `site_vote` of them were near-scale crops and at most a tenth took the wider-field
+      path (a near-scale site, Drishti_GS-like): the crop is centred where the rim is (as on the
+      wider-field path) and sized by the median of the model's whole-image discs on the site's
+      earlier near-scale images (`shares`, the last SITE_SHARES; a wider field's whole-image disc is
+      the model's training size, not the disc's), not by the detector, which sizes a near-scale
+      disc worse than the model (starting there cost Drishti_GS 1.8 Dice).
+    Either way the model's disc in the crop then refines it, and the image votes by its final crop,
+    after the retry (refined or retried back to the whole image, it votes "the source's scale", so
+    a site wrongly taken for another scale corrects itself; with `refine=0` nothing could refine it
+    back, so the site's protocol is not used). 0: every image is routed on its own probe.
     reuse_settled: when refinement settles, segment the crop the last probe looked at (that probe is
     then the step's own first pass: one forward less per cropped image) instead of the settled re-centred
     crop. On by default with one refinement: with `site_min` they take the placement from 1.23-2.26
@@ -531,9 +533,9 @@ class GeometryStep:
         if self.centre not in ("rim", "disc", "detector") or not (self.probe_size == 0 or 32 <= self.probe_size <= 1024):
             raise ValueError(f"geometry centre={self.centre!r} (rim | disc | detector), probe_size={self.probe_size} "
                              "(0: the frame's size, else 32-1024 px)")
-        if not 0 <= self.settle < 0.5 or not 0 <= self.site_vote < 1 or self.site_min < 0:
+        if not 0 <= self.settle < 0.5 or not 0 <= self.site_vote < 1 or not 0 <= self.site_min <= SITE_SHARES:
             raise ValueError(f"geometry settle={self.settle} must lie in [0, 0.5), site_vote={self.site_vote} in [0, 1), "
-                             f"site_min={self.site_min} >= 0")
+                             f"site_min={self.site_min} in [0, {SITE_SHARES}]")
         if (not 0 < self.route <= 1 or self.refine < 0 or not 1 <= self.gain <= 3 or self.min_contrast < 0
                 or not 0 < self.aperture <= 1):
             raise ValueError(f"geometry route={self.route} (0, 1], refine={self.refine} >= 0, gain={self.gain} "
@@ -542,6 +544,7 @@ class GeometryStep:
         self._probed: tuple[Box, torch.Tensor] | None = None  # the last full-size probe's (box, input)
         self.boxes: list[tuple[Box, int]] = []  # the last call's (box, frame side) per image
         self.votes = (0, 0, 0)  # the site's images so far: (seen at another scale than the source's, all, wider field)
+        self._known_vote: tuple[bool, bool] | None = None  # the last image's vote when the site's protocol placed it
         self.shares: list[float] = []  # the model's whole-image disc (share of the frame) on its last probed images
 
     def reset(self) -> None:
@@ -553,11 +556,12 @@ class GeometryStep:
         were seen at another scale, not on that path, and the model's disc is known), or "" (not known:
         fewer than `site_min` images, or the site images at the source's scale)."""
         other, seen, wide = self.votes
-        if not 0 < self.site_min <= seen:
+        if not 0 < self.site_min <= seen or self.refine == 0:
             return ""
         if wide / seen > self.site_vote:
             return "wide"
-        return "near" if other / seen > self.site_vote and len(self.shares) >= self.site_min else ""
+        near = (other - wide) / seen > self.site_vote and wide <= 0.1 * seen
+        return "near" if near and len(self.shares) >= self.site_min else ""
 
     def _vote(self, other: bool, wide: bool) -> float:
         """Count one image of the site; the share of its images so far seen at another scale."""
@@ -659,7 +663,7 @@ class GeometryStep:
             probes = 1
             model_side = math.sqrt(seen.share / ref) if seen is not None else 0.0
             wide = est.found and small_in_field and det_side < self.route * model_side
-        if seen is not None:
+        if seen is not None and not wide:  # on a wider field the model's disc is its training size
             self.shares = (self.shares + [seen.share])[-SITE_SHARES:]
         if wide or known:
             # the detector's blob is the disc's brightest part (near the cup); the model, trained on centred
@@ -693,8 +697,10 @@ class GeometryStep:
             box = nxt
             if settled or box.is_whole(h, w):
                 break
-        if known:
-            site_share = self._vote(not box.is_whole(h, w), wide and not box.is_whole(h, w))
+        self._known_vote = None
+        if known:  # cast now, revised by `apply` should its retry send the image back whole
+            self._known_vote = (not box.is_whole(h, w), wide and not box.is_whole(h, w))
+            site_share = self._vote(*self._known_vote)
         return box, est, {"geo_wide": float(wide), "geo_model_side": model_side, "geo_refined": float(refined),
                           "geo_site_share": site_share, "geo_site_known": float(known),
                           "geo_field": est.field, "geo_probes": float(probes)}
@@ -720,7 +726,7 @@ class GeometryStep:
             self.boxes = boxes
             return torch.cat(outs)
         _, _, h, w = images.shape
-        self._probed = None
+        self._probed, self._known_vote = None, None
         if not self.use_model:
             probe = None
         if probe is not None:
@@ -744,6 +750,9 @@ class GeometryStep:
                     restore(saved)
                 box, retried = better, True
                 logits = step(images if box.is_whole(h, w) else _minmax(crop(images, box, h)))
+                if box.is_whole(h, w) and self._known_vote:  # the image's vote follows its final crop
+                    (other, wide), (o, n, w_) = self._known_vote, self.votes
+                    self.votes = (o - int(other), n, w_ - int(wide))
         self.last = self._record(est, box, h, retried, self._extra(extra, reused, claimed))
         return logits if box.is_whole(h, w) else paste(logits, box, (h, w))
 

@@ -143,3 +143,34 @@ def test_a_site_wrongly_taken_for_a_wider_field_votes_itself_back_to_probing():
     probe, shown = _probes(big)
     _, _, info = step.plan(x, probe)
     assert info["geo_site_known"] == 0 and _whole_probe(shown, x)
+
+
+def test_a_mixed_site_a_site_without_refinement_and_an_old_state_do_not_use_a_protocol(tiny_model):
+    from grata.adapters import build_adapter
+    from tests.test_geometry import _disc_image, _scale_blind_model
+    image, _ = _disc_image(0.45, 0.55, 0.155, size=S)
+    x = image[None]
+    mixed = GeometryStep(REF, site_min=4)
+    mixed.votes, mixed.shares = (4, 4, 2), [0.19] * 4  # half wider fields, half near-scale crops
+    probe, shown = _probes(_scale_blind_model)
+    box, _, info = mixed.plan(x, probe)
+    assert info["geo_site_known"] == 0 and _whole_probe(shown, x) and not box.is_whole(S, S)
+    assert mixed.shares == [0.19] * 4  # a wider field's whole-image disc is the model's training size
+    blind = GeometryStep(REF, site_min=4, refine=0)  # nothing could refine a wrong protocol back
+    blind.votes = (4, 4, 4)
+    probe, shown = _probes(_scale_blind_model)
+    assert blind.plan(x, probe)[2]["geo_site_known"] == 0 and _whole_probe(shown, x)
+    adapter = build_adapter("source", tiny_model, geometry="auto", geometry_reference=REF)
+    adapter.load_state_dict({**adapter.state_dict(), "geometry_votes": (10, 10)})  # from before the wide count
+    assert adapter.geometry.votes == (0, 0, 0)
+
+
+def test_a_retry_back_to_the_whole_image_revises_the_sites_vote():
+    from tests.test_geometry import _disc_image, _scale_blind_model
+    image, _ = _disc_image(0.45, 0.55, 0.155, size=S)
+    step = GeometryStep(REF, site_min=4)
+    step.votes = (4, 4, 4)
+    nothing = lambda t: torch.full((t.shape[0], 2, *t.shape[-2:]), -10.0)  # the adapter sees no disc in the crop
+    step.apply(nothing, image[None], probe=_scale_blind_model)
+    assert step.last["geo_site_known"] == 1 and step.last["geo_retried"] == 1 and step.last["geo_cropped"] == 0
+    assert step.votes == (4, 5, 4)  # it voted "the source's scale", as its final crop says

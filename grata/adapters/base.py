@@ -245,7 +245,9 @@ class Adapter:
         if set(state["model"]) != self._norm_keys():
             raise ValueError("adapter state does not match this model's BN layers (another architecture?)")
         votes = tuple(int(v) for v in state.get("geometry_votes", (0, 0, 0)))  # checked before anything is loaded
-        other, seen, wide = (*votes, 0)[:3] if len(votes) in (2, 3) else (0, 0, -1)  # 2 counts: before the wide count
+        # a 2-count state predates the wide count: it cannot tell a wider field from a near-scale site, so
+        # the site's protocol is learnt afresh rather than guessed (and its shares, none, with it)
+        other, seen, wide = votes if len(votes) == 3 else (0, 0, 0) if len(votes) == 2 else (0, 0, -1)
         if not 0 <= wide <= other <= seen:
             raise ValueError(f"adapter state geometry_votes={votes}: needs (other, seen, wide) with "
                              "0 <= wide <= other <= seen")
