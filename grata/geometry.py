@@ -497,8 +497,8 @@ class GeometryStep:
     reuse_settled: when refinement settles, segment the crop the last probe looked at (that probe is
     then the step's own first pass: one forward less per cropped image) instead of the settled re-centred
     crop. On by default with one refinement: with `site_min` they take the placement from 1.23-2.26
-    model passes per image on every cropped cell of issue 13's table to 0.20-0.91, for Dice within
-    -0.89 to +0.53 of two refinements without reuse per cell, -0.06 on average (docs/geometry.md).
+    model passes per image on every cropped cell of issue 13's table to 0.20-0.83, for Dice within
+    -0.89 to +0.28 of two refinements without reuse per cell, -0.08 on average (docs/geometry.md).
     The step's input is the whole-image probe's very tensor when the image is kept whole (and a settled
     refinement's with reuse_settled), so an adapter reuses that pass (`apply(..., first_pass=)`).
     """
