@@ -545,7 +545,7 @@ class GeometryStep:
         self.boxes: list[tuple[Box, int]] = []  # the last call's (box, frame side) per image
         self.votes = (0, 0, 0)  # the site's images so far: (seen at another scale than the source's, all, wider field)
         self._known_vote: tuple[bool, bool] | None = None  # the last image's vote when the site's protocol placed it
-        self.shares: list[float] = []  # the model's whole-image disc (share of the frame) on its last probed images
+        self.shares: list[float] = []  # the model's whole-image disc (share of the frame) on its last near-scale images
 
     def reset(self) -> None:
         """A new site (or the same site from scratch): its crop protocol is not known yet."""
@@ -553,8 +553,9 @@ class GeometryStep:
 
     def _site_protocol(self) -> str:
         """What the site's images so far say: "wide" (most took the wider-field path), "near" (most
-        were seen at another scale, not on that path, and the model's disc is known), or "" (not known:
-        fewer than `site_min` images, or the site images at the source's scale)."""
+        were near-scale crops, at most a tenth wider fields, and the model's disc is known from
+        `site_min` of them), or "" (not known: fewer than `site_min` images, no refinement to correct
+        a wrong protocol, a mixed site, or one imaging at the source's scale)."""
         other, seen, wide = self.votes
         if not 0 < self.site_min <= seen or self.refine == 0:
             return ""
@@ -568,6 +569,11 @@ class GeometryStep:
         o, n, w = self.votes
         self.votes = (o + int(other or wide), n + 1, w + int(wide))
         return self.votes[0] / self.votes[1]
+
+    def _unvote(self, other: bool, wide: bool) -> None:
+        """Take back what `_vote(other, wide)` counted, the image staying counted as seen."""
+        o, n, w = self.votes
+        self.votes = (o - int(other or wide), n, w - int(wide))
 
     def _box_at(self, cy: float, cx: float, share: float, size: int) -> Box:
         """A square centred at (cy, cx) (fractions) in which a disc of `share` (of the frame) covers the
@@ -697,7 +703,6 @@ class GeometryStep:
             box = nxt
             if settled or box.is_whole(h, w):
                 break
-        self._known_vote = None
         if known:  # cast now, revised by `apply` should its retry send the image back whole
             self._known_vote = (not box.is_whole(h, w), wide and not box.is_whole(h, w))
             site_share = self._vote(*self._known_vote)
@@ -751,8 +756,7 @@ class GeometryStep:
                 box, retried = better, True
                 logits = step(images if box.is_whole(h, w) else _minmax(crop(images, box, h)))
                 if box.is_whole(h, w) and self._known_vote:  # the image's vote follows its final crop
-                    (other, wide), (o, n, w_) = self._known_vote, self.votes
-                    self.votes = (o - int(other), n, w_ - int(wide))
+                    self._unvote(*self._known_vote)
         self.last = self._record(est, box, h, retried, self._extra(extra, reused, claimed))
         return logits if box.is_whole(h, w) else paste(logits, box, (h, w))
 

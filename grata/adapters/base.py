@@ -244,13 +244,14 @@ class Adapter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["model"]) != self._norm_keys():
             raise ValueError("adapter state does not match this model's BN layers (another architecture?)")
-        votes = tuple(int(v) for v in state.get("geometry_votes", (0, 0, 0)))  # checked before anything is loaded
+        given = tuple(int(v) for v in state.get("geometry_votes", (0, 0, 0)))  # checked before anything is loaded
         # a 2-count state predates the wide count: it cannot tell a wider field from a near-scale site, so
         # the site's protocol is learnt afresh rather than guessed (and its shares, none, with it)
-        other, seen, wide = votes if len(votes) == 3 else (0, 0, 0) if len(votes) == 2 else (0, 0, -1)
-        if not 0 <= wide <= other <= seen:
-            raise ValueError(f"adapter state geometry_votes={votes}: needs (other, seen, wide) with "
+        votes = (0, 0, 0) if len(given) == 2 else given
+        if len(votes) != 3 or not 0 <= votes[2] <= votes[0] <= votes[1]:
+            raise ValueError(f"adapter state geometry_votes={given}: needs (other, seen, wide) with "
                              "0 <= wide <= other <= seen")
+        other, seen, wide = votes
         shares = [float(v) for v in state.get("geometry_shares", [])]
         if len(shares) > SITE_SHARES or not all(0 < v <= 1 for v in shares):
             raise ValueError(f"adapter state geometry_shares: needs at most {SITE_SHARES} disc shares in (0, 1], "
