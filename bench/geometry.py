@@ -12,9 +12,12 @@ per target by the Dice runs (`geo_retried` in per_image.csv) and reported in doc
 
 Per path (with --checkpoint and the fundus data): what the geometry step adds to segmenting an
 image, timed per image on `per-target` images of each real target at each field scale: `--method`'s
-adapter's adapt-and-predict (source: one forward; fedgrata: about 14 forwards plus the quality estimate) with geometry=auto (detector, disc centre, every probe pass, the step's
-own pass, a retry if any, map back) less the same adapter's adapt-and-predict without it (median over
-a sample of the images), in units of one fast forward at `size` px; grouped by the path the image
+adapter's adapt-and-predict (source: one forward; fedgrata: about 14 forwards plus the quality
+estimate) with geometry=auto (detector, disc centre, every probe pass, the step's own pass, a retry if
+any, the state snapshot, map back) less the same adapter's adapt-and-predict without it on the same
+image from the same state, in units of one forward timed alongside (the median of
+`--repeats-per-image` paired, interleaved rounds per image: one image's time on this shared machine
+varies by about half a forward, which unpaired medians did not cancel); grouped by the path the image
 took (kept whole / near-scale crop / wider field, and whether the site's known protocol placed it
 without the whole-image probe), by target and scale (each a site: reset before its first image), and
 over all images. The
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.6, 0.4])
     parser.add_argument("--targets", nargs="+", default=["RIM_ONE_r1", "RIM_ONE_r3", "Drishti_GS"])
     parser.add_argument("--per-target", type=int, default=16)
+    parser.add_argument("--repeats-per-image", type=int, default=3, help="paired rounds per image (median)")
     parser.add_argument("--method", default="source", help="conf/method preset timed per path (its geometry on and off)")
     parser.add_argument("--options", default="{}", help="GeometryStep options as JSON, e.g. '{\"refine\": 1}'")
     parser.add_argument("--name", default="geometry", help="bench/results/<name>.json")
@@ -109,14 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
 def _per_path(args, _synthetic_forward: float) -> list[dict]:
     """The geometry step's cost per path, with the real source model and `--method`'s adapter (see the
     module docstring): per image, its adapt-and-predict with the step less the same preset's without
-    it (median over a sample), in forwards at `size` px. A probe the step reuses as its own first
-    pass is not counted twice."""
+    it (`_paired`), in forwards at `size` px. A probe the step reuses as its own first pass is not
+    counted twice."""
+    import copy
     import json
 
     from grata.adapters import build_adapter
     from grata.config import DataConfig, open_domain
     from grata.geometry import GeometryStep
     from grata.models import load_checkpoint
+    from grata.progress import Progress
     from grata.train_source import load_split
 
     from bench.common import source_geometry
@@ -131,7 +137,7 @@ def _per_path(args, _synthetic_forward: float) -> list[dict]:
                   **{**options, "geometry": "off"})
     adapter = build_adapter(name, model, **{**common, "geometry": "auto"}, geometry_reference=ref)
     adapter.geometry = GeometryStep(ref, **json.loads(args.options))
-    plain = build_adapter(name, model, **common)  # the same step without the geometry step
+    plain = build_adapter(name, copy.deepcopy(model), **common)  # the same step without it, on its own copy
     images = []
     for scale in args.scales:
         data = DataConfig(**{**vars(base), "field_scale": scale})
@@ -143,28 +149,49 @@ def _per_path(args, _synthetic_forward: float) -> list[dict]:
         plain.adapt_and_predict(x)
         adapter.adapt_and_predict(x)
     adapter.reset()
-    sample = images[:: max(1, len(images) // 20)]
-    with torch.no_grad():
-        fwd = spread([timed(lambda x=x: plain.forward(x)) for _, x in sample])["median"]
-    base_step = spread([timed(lambda x=x: plain.adapt_and_predict(x)) for _, x in sample])["median"]
+    plain.reset()
     groups: dict[str, list[tuple[float, float]]] = {}
     site = None
+    bar = Progress(len(images), "geometry cost per image")
     for cell, x in images:
         if cell != site:  # each target at each scale is a site of its own: its votes start afresh
             adapter.reset()
+            plain.reset()
             site = cell
-        t = timed(lambda x=x: adapter.adapt_and_predict(x)) - base_step + fwd
+        added, fwd = _paired(adapter, plain, x, args.repeats_per_image)
         last = adapter.last_step
         path = "wider field" if last["geo_wide"] else ("near-scale crop" if last["geo_cropped"] else "kept whole")
         if last.get("geo_site_known"):
             path += ", from the site's protocol"
         for key in (path, cell, "all images"):
-            groups.setdefault(key, []).append((t - fwd, last["geo_extra_passes"]))
-    return [{"path": p, "images": len(v), "probes": sum(n for _, n in v) / len(v),
-             "median_ms": spread([t for t, _ in v])["median"] * 1e3,
-             "mean_ms": sum(t for t, _ in v) / len(v) * 1e3, "forward_ms": fwd * 1e3,
-             "extra_forwards": spread([t for t, _ in v])["median"] / fwd,
-             "mean_extra_forwards": sum(t for t, _ in v) / len(v) / fwd} for p, v in groups.items()]
+            groups.setdefault(key, []).append((added / fwd, last["geo_extra_passes"], added, fwd))
+        bar.update(extra_forwards=added / fwd)
+    bar.close()
+    return [{"path": p, "images": len(v), "probes": sum(r[1] for r in v) / len(v),
+             "median_ms": spread([r[2] for r in v])["median"] * 1e3,
+             "mean_ms": sum(r[2] for r in v) / len(v) * 1e3,
+             "forward_ms": spread([r[3] for r in v])["median"] * 1e3,
+             "extra_forwards": spread([r[0] for r in v])["median"],
+             "mean_extra_forwards": sum(r[0] for r in v) / len(v)} for p, v in groups.items()]
+
+
+def _paired(adapter, plain, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """What the geometry step adds to one image, and one forward, both in seconds: the median over
+    `repeats` rounds of (adapter with the step - the same adapter without it) on this image, each
+    round from the same state (so each repeat takes the same path), and the median of one plain
+    forward timed in the same rounds. Paired and interleaved, so that the shared machine's drift
+    (here one image's time varies by about half a forward) falls on both sides of the difference."""
+    state, plain_state = adapter.state_dict(), plain.state_dict()
+    added, forwards = [], []
+    for r in range(repeats):
+        adapter.load_state_dict(state)  # the last round leaves the adapter past this image
+        plain.load_state_dict(plain_state)
+        with torch.no_grad():
+            forwards.append(timed(lambda: plain.forward(x)))
+        off = timed(lambda: plain.adapt_and_predict(x))
+        on = timed(lambda: adapter.adapt_and_predict(x))
+        added.append(on - off)
+    return spread(added)["median"], spread(forwards)["median"]
 
 
 def _ms(s: dict) -> dict:

@@ -199,14 +199,23 @@ def detect_blob(image: torch.Tensor, min_radius: float = 0.025, max_radius: floa
     sigmas = [WORK * min_radius / math.sqrt(2) * ratio ** k for k in range(40)]
     sigmas = [s for s in sigmas if s * math.sqrt(2) <= WORK * max_radius * ratio]
     best, peaks = (-math.inf, 0, 0, 0), []
+    levels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # pooled (z, valid) per pooling factor
+    blurred: dict[tuple[int, int], torch.Tensor] = {}  # (sigma index, factor): each blur is used by two scales
+
+    def blur(j: int, f: int) -> torch.Tensor:
+        if f not in levels:
+            levels[f] = (F.avg_pool2d(z, f), F.avg_pool2d(valid, f)) if f > 1 else (z, valid)
+        if (j, f) not in blurred:
+            blurred[(j, f)] = _blur(levels[f][0], sigmas[j] / f)
+        return blurred[(j, f)]
+
     for k in range(len(sigmas) - 1):
         # large scales on a pooled copy (a pyramid): the kernel stays a few taps wide, the cost flat
         level = max(0, int(math.floor(math.log2(sigmas[k] / 2))))
         f = 2 ** level
-        zl = F.avg_pool2d(z, f) if f > 1 else z
         # scale-normalised difference of Gaussians ~ -sigma^2 LoG: positive on a bright blob of radius ~ sqrt(2) sigma
-        dog = (_blur(zl, sigmas[k] / f) - _blur(zl, sigmas[k + 1] / f))[0, 0] / (ratio ** 2 - 1) * 2
-        ok = (F.avg_pool2d(valid, f) if f > 1 else valid)[0, 0] > 0.999
+        dog = (blur(k, f) - blur(k + 1, f))[0, 0] / (ratio ** 2 - 1) * 2
+        ok = levels[f][1][0, 0] > 0.999
         dog = torch.where(ok, dog, torch.full_like(dog, -math.inf))
         v, i = dog.flatten().max(0)
         peaks.append(v.item())

@@ -49,6 +49,19 @@ def test_state_round_trip_continues_identically(tiny_model, image):
     torch.testing.assert_close(a.adapt_and_predict(image), b.adapt_and_predict(image))
 
 
+def test_a_snapshot_does_not_move_with_the_adapter(tiny_model, image):
+    """state_dict clones its tensors (the geometry step's retry snapshot): stepping on after it, which
+    updates BN statistics, affine parameters and Adam's moments in place, leaves it as it was."""
+    a = build_adapter("grata", tiny_model, lr=1e-2, bn="site")
+    a.adapt_and_predict(image)
+    snapshot = a.state_dict()
+    first = a.adapt_and_predict(image)
+    for _ in range(2):
+        a.adapt_and_predict(torch.rand(1, 3, 16, 16))
+    a.load_state_dict(snapshot)
+    torch.testing.assert_close(a.adapt_and_predict(image), first)
+
+
 def test_anchor_pulls_towards_the_source(tiny_model, image):
     free = build_adapter("grata", tiny_model, lr=1e-2, pse="ent")
     held = build_adapter("grata", tiny_model, lr=1e-2, pse="ent", anchor=0.5)
