@@ -2,11 +2,15 @@
 only our own processes stopped."""
 from __future__ import annotations
 
+import io
 import os
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.constant import FAB_MAX_SIZE
 
 from server.config import RUN_CONFIG_KEYS, load_config, run_config_overrides
 from simulations import flwr_local
@@ -88,3 +92,12 @@ def test_a_partial_federation_says_so_and_names_the_fix(tmp_path, checkpoint, mo
     assert "only 1 of the 2 configured sites (data.sites) joined" in out
     assert '--federation-config "num-supernodes=2"' in out
     assert list(result["sites"]) == ["colour_cast"]
+
+
+def test_the_app_bundle_stays_under_flowers_size_limit():
+    """`flwr run` refuses a FAB over 10 MB; bench results and docs grow every session and stay out."""
+    fab = build_fab_from_disk(ROOT)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert len(fab) < FAB_MAX_SIZE / 2, f"FAB is {len(fab):,} bytes"
+    assert "client/client_app.py" in names and "server/server_app.py" in names
+    assert not any(n.startswith(("bench/results/", "docs/")) for n in names)
