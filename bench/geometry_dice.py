@@ -3,6 +3,7 @@ synthetic wide_field style.
 
     python -m bench.geometry_dice [--methods source source_geometry] [--scales 1 0.6 0.4] [--limit 0]
                                   [--checkpoint PATH] [--root ../shared/data/fundus]
+                                  [--variants '{"bn_mixed90": {"adapter": "bn", "options": {...}}}']
 
 The paper's protocol (simulations.evaluate): source RIM_ONE_r2, ResUNet-34, 256 px, targets
 RIM_ONE_r1, RIM_ONE_r3, Drishti_GS, all their images, online, reset per target. Each field scale
@@ -26,7 +27,7 @@ from bench.common import publish, source_geometry, table
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["source", "source_geometry"])
+    parser.add_argument("--methods", nargs="*", default=["source", "source_geometry"])
     parser.add_argument("--targets", nargs="+", default=[], help="a subset of the real targets (default: all three)")
     parser.add_argument("--scales", nargs="*", type=float, default=[1.0, 0.6, 0.4])
     parser.add_argument("--limit", type=int, default=0)
@@ -39,10 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", default="../shared/data/fundus")
     parser.add_argument("--quality", action="store_true", help="with the checkpoint's quality model (estimate, fallback)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--variants", default="{}",
+                        help="JSON: method name -> {adapter, options}, run after --methods (a preset's variants)")
     args = parser.parse_args(argv)
 
     import simulations.evaluate as ev  # registers the evaluate schema
-    from grata.config import DataConfig
+    from grata.config import DataConfig, MethodConfig
     from grata.models import load_checkpoint
     from grata.train_source import default_checkpoint, load_split
     from server.config import load_config
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.targets:
         overrides.append(f"data.targets=[{','.join(args.targets)}]")
     cfg = load_config(overrides, config_name="evaluate")
+    variants = json.loads(args.variants)
+    for name, spec in variants.items():
+        if not isinstance(spec, dict) or set(spec) - {"adapter", "options"} or "adapter" not in spec:
+            raise SystemExit(f"--variants {name!r}: needs {{\"adapter\": ..., \"options\": {{...}}}}, got {spec!r}")
+        cfg.methods[name] = MethodConfig(adapter=spec["adapter"], options=dict(spec.get("options", {})))
+    args.methods = [*args.methods, *variants]
     checkpoint = Path(args.checkpoint or cfg.checkpoint or default_checkpoint(cfg))
     if not Path(cfg.data.root).is_dir() or not checkpoint.is_file():
         raise SystemExit(f"needs the fundus data ({cfg.data.root}) and the source model ({checkpoint})")

@@ -56,3 +56,41 @@ def test_one_step_job_runs_in_its_own_process(speed):
     r = in_child(job)
     assert r["s_per_image"]["n"] == 2 and r["images_per_s"] > 0 and r["peak_mib"] > 0
     assert r["plan"]["channels_last"] == (speed == "fast")
+
+
+def _dump_row(dice_adapted: float, dice_source: float, round_disc: bool, switched: bool) -> dict:
+    """A bench.quality_dump row: the adapted prediction's shape features, the source's (src_), both Dice."""
+    good = dict(disc_ellipse=0.95, disc_solidity=0.95, cup_solidity=0.9, cup_in_disc=1.0, disc_largest=1.0,
+                cup_largest=1.0, cdr=0.5)
+    torn = {**good, "disc_ellipse": 0.3, "disc_solidity": 0.4}
+    adapted, source = (good, torn) if round_disc else (torn, good)
+    return {**adapted, **{f"src_{k}": v for k, v in source.items()}, "dice_mean_adapted": dice_adapted,
+            "dice_mean_source": dice_source, "step_bn_image": float(switched)}
+
+
+def test_the_switch_shape_study_reads_the_image_statistics_rows(tmp_path):
+    """The rule is judged on the images predicted with image statistics only, and scored by the labels."""
+    import gzip
+
+    from bench.switch_shape import main
+
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    styles = {"helps": [_dump_row(85, 20, True, True)] * 6,   # image statistics: round discs, better Dice
+              "hurts": [_dump_row(25, 38, False, True)] * 6,  # torn discs, worse Dice: the rule vetoes
+              "misled": [_dump_row(25, 38, True, True)] * 6,  # round discs but worse Dice: the rule is wrong
+              "stays": [_dump_row(90, 90, True, False)] * 6}  # never switched: not judged
+    for name, rows in styles.items():
+        (dumps / f"fedgrata_{name}.json.gz").write_bytes(gzip.compress(json.dumps(rows).encode()))
+    result = main(["--dumps", str(dumps), "--out", str(tmp_path), "--name", "probe"])
+    verdicts = {r["style"]: (r["rule"], r["labels"]) for r in result["rows"]}
+    assert verdicts == {"helps": ("switch", "switch"), "hurts": ("veto", "veto"), "misled": ("switch", "veto"),
+                        "stays": ("n/a", "n/a")}
+    assert (result["right"], result["judged"]) == (2, 3)
+
+
+def test_geometry_dice_refuses_a_malformed_variant_before_any_work():
+    from bench.geometry_dice import main
+
+    with pytest.raises(SystemExit, match="'broken'"):
+        main(["--methods", "--variants", '{"broken": {"options": {}}}'])
