@@ -5,7 +5,7 @@ of bench.quality_dump (both candidates per image: the adapted prediction and the
 
 The rule studied: when a site's shift says "switch to image statistics", switch only if the adapted
 predictions look at least as much like an optic disc and cup as the source-statistics predictions (the
-0-100 shape score of grata.quality.derived: ellipse fit, solidity, one component, cup inside the disc, a
+0-100 shape score of grata.quality.shape_score: ellipse fit, solidity, one component, cup inside the disc, a
 cup-to-disc ratio in range). The dumps hold image-statistics predictions only after the switch, so the
 rule is read on those images (`warmup` of them: what the rule would see at the decision; and all of
 them), against the source model's prediction of the same images. Per style: true Dice of both
@@ -22,16 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import publish, table
-from grata.quality import derived
-
-SHAPE_KEYS = ("disc_ellipse", "disc_solidity", "cup_solidity", "cup_in_disc", "disc_largest", "cup_largest", "cdr")
+from grata.quality import shape_score
 
 
 def shape(r: dict, prefix: str = "") -> float:
     """The shape score of one dump row's adapted (prefix "") or source ("src_") prediction."""
-    f = {k: r[prefix + k] for k in SHAPE_KEYS}
-    f.update(disc_soft_dice=0.0, cup_soft_dice=0.0, disc_components=1.0, cup_components=1.0)  # unused by "shape"
-    return derived(f)["shape"]
+    return shape_score({k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -175,10 +175,16 @@ def derived(f: dict[str, float]) -> dict[str, float]:
            "soft_dice": (f["disc_soft_dice"] + f["cup_soft_dice"]) / 2,
            "disc_fragments": math.log1p(max(f["disc_components"] - 1, 0)),
            "cup_fragments": math.log1p(max(f["cup_components"] - 1, 0))}
-    cdr_ok = 1.0 if 0.1 <= f["cdr"] <= 0.9 else 0.0
-    out["shape"] = 100 * (f["disc_ellipse"] * f["disc_solidity"] * f["cup_solidity"] * f["cup_in_disc"]
-                          * f["disc_largest"] * f["cup_largest"] * cdr_ok) ** (1 / 6)
+    out["shape"] = shape_score(f)
     return out
+
+
+def shape_score(f: dict[str, float]) -> float:
+    """0-100 anatomical plausibility of a feature dict (features()): an elliptical, solid, single disc with
+    one solid cup inside it and a cup-to-disc ratio in range; 0 when the ratio is out of range or no cup."""
+    cdr_ok = 1.0 if 0.1 <= f["cdr"] <= 0.9 else 0.0
+    return 100 * (f["disc_ellipse"] * f["disc_solidity"] * f["cup_solidity"] * f["cup_in_disc"]
+                  * f["disc_largest"] * f["cup_largest"] * cdr_ok) ** (1 / 6)
 
 
 # What the calibrated estimate reads: per structure, the prediction's expected Dice under the source model's
