@@ -94,3 +94,42 @@ def test_geometry_dice_refuses_a_malformed_variant_before_any_work():
 
     with pytest.raises(SystemExit, match="'broken'"):
         main(["--methods", "--variants", '{"broken": {"options": {}}}'])
+
+
+def _per_image(folder: Path, cells: dict[tuple[str, str], list[tuple[float, float]]]) -> Path:
+    """An evaluate run folder whose per_image.csv holds (dice, quality) per image for each (method, target)."""
+    folder.mkdir()
+    lines = ["image,method,target,dice_mean,quality"]
+    lines += [f"{t}_{i},{m},{t},{d},{q}" for (m, t), vals in cells.items() for i, (d, q) in enumerate(vals)]
+    (folder / "per_image.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_the_source_draws_study_scores_each_bar_from_the_per_image_rows(tmp_path):
+    """Gain, per-image Spearman and the proxy's pair order come from the rows, and a draw is judged on each bar."""
+    from bench.source_draws import SITES, main
+
+    truth = {"RIM_ONE_r1": 88.0, "RIM_ONE_r3": 85.0, "Drishti_GS": 87.0, "RIM_ONE_r2": 86.0}
+    ramp = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    cells = {}
+    for t in SITES:
+        cells[("source", t)] = [(truth[t] - 2 + r, 80 - r) for r in ramp]  # estimate anti-ranked: rho -1
+        cells[("fedgrata", t)] = [(truth[t] + r, truth[t] + r) for r in ramp]  # estimate exact: rho 1, every pair
+    cells[("fedgrata", "Drishti_GS")] = [(78.0 + r, 90 + r) for r in ramp]  # -2 vs source, proxy reads it first
+    run = _per_image(tmp_path / "run", cells)
+    out = main(["--draw", "d0", str(run), "--out", str(tmp_path), "--name", "probe"])
+    s = out["summaries"]["d0"]
+    assert s["gain"]["RIM_ONE_r1"] == pytest.approx(2.0) and s["gain"]["Drishti_GS"] == pytest.approx(-7.0)
+    assert s["sites"]["RIM_ONE_r3"]["fedgrata"]["spearman"] == pytest.approx(1.0)
+    assert s["sites"]["RIM_ONE_r3"]["source"]["spearman"] == pytest.approx(-1.0)
+    assert not s["table_bar_met"] and s["spearman_bar_met"]
+    assert s["proxy_pairs"] == 3  # Drishti_GS truly last but read first: its 3 pairs are wrong
+    assert (tmp_path / "probe.json").is_file()
+
+
+def test_the_source_draws_study_names_a_missing_site(tmp_path):
+    from bench.source_draws import main
+
+    run = _per_image(tmp_path / "run", {("source", "RIM_ONE_r1"): [(80.0, 70.0)] * 3})
+    with pytest.raises(SystemExit, match="no rows for"):
+        main(["--draw", "d0", str(run), "--out", str(tmp_path)])
