@@ -6,12 +6,13 @@
 
 A draw is one source model of one recipe (RIM_ONE_r2, ResUNet-34, 256 px, 30 epochs; another
 `train.seed`), evaluated with `simulations.evaluate "run=[source,fedgrata]"` on every image of the
-targets and on the source's held-out test split; its run folders' `per_image.csv` are read, no model
-runs. Per draw: each method's Dice per target, fedgrata's gain over the source (issue 12's bar: the
-mean of the three targets at least +1.5, no target below -0.3), the label-free estimate's per-image
-Spearman with true Dice, and how many of the six pairs of sites the site proxy (mean estimate) orders
-as their true Dice does. Across draws: the spread of each, so a claim can say which part is the
-method's and which the source model's.
+targets and on the source's held-out test split. Its run folders' `per_image.csv` are read, no model
+runs; `FOLDER:METHOD` takes one method's rows from a folder (a variant's run beside the source rows
+of another). Per draw: each method's Dice per target, fedgrata's gain over the source (issue 12's
+bar: the mean of the three targets at least +1.5, no target below -0.3), the label-free estimate's
+per-image Spearman with true Dice, and how many of the six pairs of sites the site proxy (mean
+estimate) orders as their true Dice does. Across draws: the spread of each, so a claim can say which
+part is the method's and which the source model's.
 """
 from __future__ import annotations
 
@@ -31,15 +32,19 @@ SITES = (*TARGETS, "RIM_ONE_r2")  # the site proxy is judged on the four real si
 METHODS = ("source", "fedgrata")
 
 
-def read_draw(folders: list[Path]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """method -> target -> {"image": [n], "dice": [n], "quality": [n]} from the folders' per_image.csv."""
+def read_draw(folders: list[str]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """method -> target -> {"image": [n], "dice": [n], "quality": [n]} from the folders' per_image.csv;
+    FOLDER:METHOD takes only that method's rows (one variant's run beside the source rows of another)."""
     rows: dict[str, dict[str, dict[str, list]]] = {}
-    for folder in folders:
-        path = folder / "per_image.csv"
+    for spec in folders:
+        folder, _, only = spec.partition(":")
+        path = Path(folder) / "per_image.csv"
         if not path.is_file():
             raise SystemExit(f"{path}: missing; run simulations.evaluate with out_dir={folder}")
         with path.open() as f:
             for r in csv.DictReader(f):
+                if only and r["method"] != only:
+                    continue
                 if not r.get("quality"):
                     raise SystemExit(f"{path}: image {r['image']} has no quality estimate (a checkpoint without a quality model?)")
                 cell = rows.setdefault(r["method"], {}).setdefault(r["target"], {"image": [], "dice": [], "quality": []})
@@ -48,7 +53,7 @@ def read_draw(folders: list[Path]) -> dict[str, dict[str, dict[str, np.ndarray]]
                 cell["quality"].append(float(r["quality"]))
     missing = [(m, t) for m in METHODS for t in SITES if t not in rows.get(m, {})]
     if missing:
-        raise SystemExit(f"{', '.join(map(str, folders))}: no rows for {missing}")
+        raise SystemExit(f"{', '.join(folders)}: no rows for {missing}")
     return {m: {t: {k: np.asarray(v) for k, v in c.items()} for t, c in ts.items()} for m, ts in rows.items()}
 
 
@@ -130,7 +135,7 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draw", nargs="+", action="append", required=True, metavar=("NAME", "FOLDER"),
-                        help="a draw's name, then its evaluate run folders")
+                        help="a draw's name, then its evaluate run folders (FOLDER:METHOD: that method's rows only)")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--name", default="source_draws")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, *folders in args.draw:
         if not folders:
             raise SystemExit(f"--draw {name}: give its run folders after the name")
-        draw = read_draw([Path(f) for f in folders])
+        draw = read_draw(folders)
         summaries[name] = summarise(draw)
         per_image[name] = {m: {t: {k: v.tolist() for k, v in c.items()} for t, c in ts.items()} for m, ts in draw.items()}
     rows = [r for n, s in summaries.items() for r in rows_for(n, s)]

@@ -133,3 +133,16 @@ def test_the_source_draws_study_names_a_missing_site(tmp_path):
     run = _per_image(tmp_path / "run", {("source", "RIM_ONE_r1"): [(80.0, 70.0)] * 3})
     with pytest.raises(SystemExit, match="no rows for"):
         main(["--draw", "d0", str(run), "--out", str(tmp_path)])
+
+
+def test_the_source_draws_study_takes_one_method_from_a_folder(tmp_path):
+    """FOLDER:METHOD: a variant's run is scored against the source rows of another run, not its own."""
+    from bench.source_draws import SITES, main
+
+    ramp = [-1.0, 0.0, 1.0]
+    base = _per_image(tmp_path / "base", {**{("source", t): [(80 + r, 80 + r) for r in ramp] for t in SITES},
+                                          **{("fedgrata", t): [(10 + r, 10 + r) for r in ramp] for t in SITES}})
+    variant = _per_image(tmp_path / "variant", {**{("source", t): [(50 + r, 50 + r) for r in ramp] for t in SITES},
+                                                **{("fedgrata", t): [(83 + r, 83 + r) for r in ramp] for t in SITES}})
+    out = main(["--draw", "v", f"{base}:source", f"{variant}:fedgrata", "--out", str(tmp_path), "--name", "probe"])
+    assert out["summaries"]["v"]["gain_mean"] == pytest.approx(3.0)
