@@ -106,26 +106,34 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(summaries)
+    # a draw named <model>_<config> is coloured by its config, so configs read across models
+    configs = list(dict.fromkeys(n.rsplit("_", 1)[-1] for n in names))
+    colour = {c: plt.cm.tab10(i) for i, c in enumerate(configs)}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.8 / len(names)
     for i, n in enumerate(names):
-        s = summaries[n]
+        s, c = summaries[n], n.rsplit("_", 1)[-1]
+        label = c if n == next(m for m in names if m.rsplit("_", 1)[-1] == c) else None
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(TARGETS) + 1)]
-        left.bar(xs, [s["gain"][t] for t in TARGETS] + [s["gain_mean"]], width, label=n)
-        right.bar(xs[: len(SITES)], [s["sites"][t]["fedgrata"]["spearman"] for t in SITES], width, label=n)
+        left.bar(xs, [s["gain"][t] for t in TARGETS] + [s["gain_mean"]], width, color=colour[c], edgecolor="white", lw=0.3,
+                 label=label)
+        right.bar(xs[: len(SITES)], [s["sites"][t]["fedgrata"]["spearman"] for t in SITES], width, color=colour[c],
+                  edgecolor="white", lw=0.3, label=label)
     left.axhline(1.5, color="k", ls="--", lw=1, label="bar for the mean (+1.5)")
     left.axhline(0, color="k", lw=0.5)
     left.set_xticks(range(len(TARGETS) + 1), [*TARGETS, "mean"])
     left.set_ylabel("fedgrata - source (Dice x100)")
-    left.set_title("gain over each draw's own source model", fontsize=10)
+    left.set_title("gain over each model's own source prediction", fontsize=10)
     right.axhline(0.6, color="k", ls="--", lw=1, label="bar (0.6)")
     right.set_xticks(range(len(SITES)), [*TARGETS, "RIM_ONE_r2 test"])
     right.set_ylabel("Spearman (estimate vs true Dice)")
     right.set_title("label-free estimate, per image, fedgrata", fontsize=10)
     for ax in (left, right):
         ax.tick_params(axis="x", labelsize=8)
+    left.legend(fontsize=7, loc="upper left")
     right.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Source-model retrainings (RIM_ONE_r2, ResUNet-34, 256 px)", fontsize=11)
+    fig.suptitle(f"Source-model retrainings (RIM_ONE_r2, ResUNet-34, 256 px); bars left to right: {', '.join(names)}",
+                 fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
