@@ -90,6 +90,24 @@ def source_geometry(checkpoint: Path, meta: dict, load_train: Callable[[], Any],
     return geo
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only backend: benches run without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Lay out, write (creating the folder) and release a figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def write(name: str, payload: dict[str, Any], out: Path = RESULTS) -> Path:
     """bench/results/<name>.json with the machine record beside the numbers."""
     out.mkdir(parents=True, exist_ok=True)

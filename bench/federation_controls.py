@@ -36,10 +36,9 @@ def table(base: dict, pairs: list[tuple[str, dict, dict]]) -> str:
 
 
 def plot(base: dict, pairs: list[tuple[str, dict, dict]], path: Path) -> None:
-    import matplotlib
+    from bench.common import pyplot, save_figure  # torch comes with bench.common: only when plotting
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 3.8))
     xs = range(len(pairs))
@@ -50,10 +49,7 @@ def plot(base: dict, pairs: list[tuple[str, dict, dict]], path: Path) -> None:
     ax.set_ylabel("mean Dice x100")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

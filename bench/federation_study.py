@@ -125,10 +125,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path, title: str) -> None:
-    import matplotlib
+    from bench.common import pyplot, save_figure  # torch comes with bench.common: only when plotting
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = {n: r for n, r in result["variants"].items()}
     sites = list(next(r for n, r in rows.items() if n != "source")["sites"])
@@ -144,10 +143,7 @@ def plot(result: dict, path: Path, title: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=len(rows), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

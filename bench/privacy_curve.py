@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import publish, table
+from bench.common import publish, pyplot, save_figure, table
 
 SITES = ("colour_cast", "gamma", "low_contrast", "uneven_light")
 NO_NOISE = 1e6
@@ -71,10 +71,7 @@ def _signal_kept(result: dict) -> list[float]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curve = [r for r in rows if r["variant"] == "fed_stats" and r["epsilon"] < NO_NOISE]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -88,10 +85,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("Dice x100 (disc/cup mean)")
     ax.set_title("fed_stats: privacy against Dice (synthetic demo sites)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def log_mlflow(rows: list[dict], text: str, png: Path, uri: str) -> str:

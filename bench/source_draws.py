@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import publish, table
+from bench.common import publish, pyplot, save_figure, table
 from simulations.evaluate import spearman
 
 TARGETS = ("RIM_ONE_r1", "RIM_ONE_r3", "Drishti_GS")
@@ -100,20 +100,19 @@ def rows_for(name: str, s: dict) -> list[dict]:
 
 
 def plot(summaries: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summaries)
     # a draw named <model>_<config> is coloured by its config, so configs read across models
-    configs = list(dict.fromkeys(n.rsplit("_", 1)[-1] for n in names))
-    colour = {c: plt.cm.tab10(i) for i, c in enumerate(configs)}
+    config = {n: n.rsplit("_", 1)[-1] for n in names}
+    colour = {c: plt.cm.tab10(i) for i, c in enumerate(dict.fromkeys(config.values()))}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.8 / len(names)
+    labelled: set[str] = set()
     for i, n in enumerate(names):
-        s, c = summaries[n], n.rsplit("_", 1)[-1]
-        label = c if n == next(m for m in names if m.rsplit("_", 1)[-1] == c) else None
+        s, c = summaries[n], config[n]
+        label = None if c in labelled else c  # one legend entry per config
+        labelled.add(c)
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(TARGETS) + 1)]
         left.bar(xs, [s["gain"][t] for t in TARGETS] + [s["gain_mean"]], width, color=colour[c], edgecolor="white", lw=0.3,
                  label=label)
@@ -134,10 +133,7 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
     right.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Source-model retrainings (RIM_ONE_r2, ResUNet-34, 256 px); bars left to right: {', '.join(names)}",
                  fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
